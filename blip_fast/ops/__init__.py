@@ -32,6 +32,9 @@ from ._dispatch import (
     set_backend,
     use_backend,
 )
+from . import triton_backend as _triton_backend
+
+register_lazy_backend("triton", _triton_backend.load)
 
 Tensor = torch.Tensor
 
