@@ -14,5 +14,24 @@ from .ops import (  # noqa: E402
     use_backend,
 )
 
-__all__ = ["__version__", "use_backend", "set_backend", "get_backend", "available_backends",
-           "BackendUnavailableError"]
+from .checkpoint import CheckpointError, LoadReport, load_checkpoint  # noqa: E402
+from .models import (  # noqa: E402
+    BLIP_ITM,
+    BLIP_NLVR,
+    BLIP_Pretrain,
+    BertLMHeadModel,
+    BertModel,
+    VisionTransformer,
+    blip_itm,
+    blip_nlvr,
+    blip_pretrain,
+    create_vit,
+)
+from .tokenizer import TokenizedText, init_tokenizer, tokenize  # noqa: E402
+
+__all__ = [
+    "__version__", "use_backend", "set_backend", "get_backend", "available_backends", "BackendUnavailableError",
+    "BLIP_Pretrain", "blip_pretrain", "BLIP_ITM", "blip_itm", "BLIP_NLVR", "blip_nlvr", "VisionTransformer",
+    "create_vit", "BertModel", "BertLMHeadModel", "load_checkpoint", "LoadReport", "CheckpointError",
+    "init_tokenizer", "tokenize", "TokenizedText",
+]

@@ -1,0 +1,221 @@
+"""BLIP_Pretrain: image-text contrastive (with momentum encoders and queues), matching with hard
+negatives, and image-grounded captioning, as in the original ``models/blip_pretrain.py``."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..distributed import concat_all_gather
+from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
+from .base import BlipBase
+from .blip import load_checkpoint, tie_encoder_decoder_weights
+from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
+from .vit import create_vit
+
+Tensor = torch.Tensor
+HardNegatives = Tuple[Tensor, Tensor]
+
+
+class BLIP_Pretrain(BlipBase):
+    """BLIP pretraining model; ``forward(image, caption, alpha) -> (loss_ita, loss_itm, loss_lm)``.
+
+    Args (as the original): ``med_config`` (JSON path, dict or BertConfig; default the shipped
+    ``bert_config.json``), ``image_size``, ``vit`` ('base', 'large' or a dict of ViT arguments),
+    ``vit_grad_ckpt``, ``vit_ckpt_layer``, ``embed_dim``, ``queue_size``, ``momentum``;
+    ``tokenizer`` (object, vocab path or None).
+
+    The queues accept any global batch size up to ``queue_size`` (the pointer wraps around), and
+    the queue update needs no host synchronisation. Without an initialised process group the
+    all-gather is the identity.
+    """
+
+    caption_max_length = 30
+
+    def __init__(self, med_config: Union[str, Dict[str, Any], BertConfig, None] = "configs/bert_config.json",
+                 image_size: int = 224, vit: Union[str, Dict[str, Any]] = "base", vit_grad_ckpt: bool = False,
+                 vit_ckpt_layer: int = 0, embed_dim: int = 256, queue_size: int = 57600, momentum: float = 0.995,
+                 tokenizer: Optional[Any] = None):
+        super().__init__(tokenizer)
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be positive, got {queue_size}")
+        self.visual_encoder, vision_width = create_vit(vit, image_size, vit_grad_ckpt, vit_ckpt_layer, 0)
+
+        encoder_config = load_med_config(med_config, encoder_width=vision_width)
+        # The original loads bert-base-uncased (30522 rows) and resizes to the tokenizer's 30524.
+        encoder_config.vocab_size = max(encoder_config.vocab_size, BLIP_VOCAB_SIZE)
+        self.text_encoder = BertModel(config=encoder_config, add_pooling_layer=False)
+        text_width = encoder_config.hidden_size
+
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+
+        self.visual_encoder_m, vision_width = create_vit(vit, image_size)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertModel(config=encoder_config, add_pooling_layer=False)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.model_pairs = [[self.visual_encoder, self.visual_encoder_m],
+                            [self.vision_proj, self.vision_proj_m],
+                            [self.text_encoder, self.text_encoder_m],
+                            [self.text_proj, self.text_proj_m]]
+        self.copy_params()
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.temp = nn.Parameter(0.07 * torch.ones([]))
+
+        decoder_config = load_med_config(encoder_config)
+        self.text_decoder = BertLMHeadModel(config=decoder_config)
+        tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
+
+    # -- momentum encoders and queues ------------------------------------------------------------
+    def _momentum_params(self) -> Tuple[list, list]:
+        online, momentum = [], []
+        for model, model_m in self.model_pairs:
+            online.extend(model.parameters())
+            momentum.extend(model_m.parameters())
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Initialise the momentum encoders from the online ones and freeze them."""
+        online, momentum = self._momentum_params()
+        for p, p_m in zip(online, momentum):
+            p_m.data.copy_(p.data)
+            p_m.requires_grad = False
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        online, momentum = self._momentum_params()
+        ops.momentum_update(momentum, online, self.momentum)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
+        """Write the gathered momentum features at the queue pointer (wrapping around)."""
+        image_feats = concat_all_gather(image_feat)
+        text_feats = concat_all_gather(text_feat)
+        batch_size = image_feats.shape[0]
+        if batch_size > self.queue_size:
+            raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
+                             f"build the model with queue_size >= the global batch size")
+        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
+        self.image_queue.index_copy_(1, idx, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, idx, text_feats.T.to(self.text_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
+
+    # -- forward ---------------------------------------------------------------------------------
+    @staticmethod
+    def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, batch_size: int) -> HardNegatives:
+        """One negative image per text and one negative text per image, drawn in one call each from
+        ``softmax(sim[:, :B]) + 1e-4`` with the diagonal zeroed (no host synchronisation).
+
+        Returns ``(neg_image_idx, neg_text_idx)``, each ``(B,)`` int64.
+        """
+        with torch.no_grad():
+            weights_t2i = F.softmax(sim_t2i[:, :batch_size].float(), dim=1) + 1e-4
+            weights_t2i.fill_diagonal_(0)
+            weights_i2t = F.softmax(sim_i2t[:, :batch_size].float(), dim=1) + 1e-4
+            weights_i2t.fill_diagonal_(0)
+            neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
+            neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
+        return neg_image_idx, neg_text_idx
+
+    def forward(self, image: Tensor, caption: TextInput, alpha: float,
+                hard_negatives: Optional[HardNegatives] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """Pretraining losses for images ``(B, 3, S, S)`` and their captions.
+
+        ``caption``: B strings (tokenised here with padding to 30) or tokenised text.
+        ``hard_negatives``: optional fixed ``(neg_image_idx, neg_text_idx)`` instead of sampling.
+        Returns ``(loss_ita, loss_itm, loss_lm)``, float32 scalars.
+        """
+        with self.backend_context():
+            return self._forward(image, caption, alpha, hard_negatives)
+
+    def _forward(self, image: Tensor, caption: TextInput, alpha: float,
+                 hard_negatives: Optional[HardNegatives]) -> Tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        bs = image.shape[0]
+        text = self.tokens(caption, image.device, padding="max_length", max_length=self.caption_max_length)
+        if text.input_ids.shape[0] != bs:
+            raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
+
+        image_embeds = self.visual_encoder(image)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
+                                        mode="text")
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+
+        # ============== Image-text contrastive ==============
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
+                                                return_dict=True, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        # ============== Image-text matching ==============
+        encoder_input_ids = text.input_ids.clone()
+        encoder_input_ids[:, 0] = self.enc_token_id
+        output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
+                                       encoder_hidden_states=image_embeds, return_dict=True)
+        if hard_negatives is None:
+            neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
+        else:
+            neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
+        image_embeds_neg = image_embeds[neg_image_idx]
+        text_ids_neg = encoder_input_ids[neg_text_idx]
+        text_atts_neg = text.attention_mask[neg_text_idx]
+
+        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
+        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
+        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
+        output_neg = self.text_encoder(text_ids_all, attention_mask=text_atts_all,
+                                       encoder_hidden_states=image_embeds_all, return_dict=True)
+        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
+        vl_output = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
+
+        # ============== Language modelling ==============
+        decoder_input_ids = text.input_ids.clone()
+        decoder_input_ids[:, 0] = self.bos_token_id
+        decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.pad_token_id, -100)
+        decoder_output = self.text_decoder(decoder_input_ids, attention_mask=text.attention_mask,
+                                           encoder_hidden_states=image_embeds, labels=decoder_targets,
+                                           return_dict=True)
+        loss_lm = decoder_output.loss
+        return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:
+    """Build :class:`BLIP_Pretrain` (``kwargs`` as its constructor); ``pretrained``: a checkpoint
+    path or URL to load (pos-embed interpolation, load report logged)."""
+    model = BLIP_Pretrain(**kwargs)
+    if pretrained:
+        model, _ = load_checkpoint(model, pretrained)
+    return model
