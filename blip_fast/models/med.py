@@ -215,14 +215,18 @@ class BertSelfOutput(nn.Module):
 
     def __init__(self, config: BertConfig, twin: bool = False, merge: bool = False):
         super().__init__()
-        # Registration order decides the state-dict order, which differs between the two originals.
-        if not twin:
+        # Registration order decides the state-dict order: med.py registers dense first,
+        # nlvr_encoder.py (every layer of the twin model) LayerNorm first.
+        nlvr_layout = getattr(config, "twin_cross_attention", False)
+        if not nlvr_layout:
             self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         if twin:
             self.dense0 = nn.Linear(config.hidden_size, config.hidden_size)
             self.dense1 = nn.Linear(config.hidden_size, config.hidden_size)
+        elif nlvr_layout:
+            self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.merge = merge
         if merge:
             self.merge_layer = nn.Linear(config.hidden_size * 2, config.hidden_size)

@@ -1,0 +1,87 @@
+"""Key-for-key compatibility with the original checkpoints, from ../shared/reference/state_dicts.
+
+Every key, its order, shape, dtype, kind (parameter / buffer), requires_grad and the groups of
+keys sharing one tensor must equal the original model's. Models are built on the meta device
+(no memory, no init) since only the layout is compared.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip_fast.models import blip_itm, blip_nlvr, blip_pretrain
+
+REFERENCE = Path(os.environ.get("BLIP_FAST_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+FACTORIES = {"blip_pretrain": blip_pretrain, "blip_itm": blip_itm, "blip_nlvr": blip_nlvr}
+FILES = sorted(p.stem for p in (REFERENCE / "state_dicts").glob("*.json")) if REFERENCE.exists() else []
+IN_SCOPE = [f for f in FILES if f.replace("_large", "") in FACTORIES]
+
+pytestmark = pytest.mark.skipif(not IN_SCOPE, reason=f"reference facts not found at {REFERENCE}")
+
+
+def load_facts(name):
+    with open(REFERENCE / "state_dicts" / f"{name}.json") as f:
+        return json.load(f)
+
+
+def build(name, **overrides):
+    facts = load_facts(name)
+    kwargs = dict(facts["constructor_kwargs"], **overrides)
+    kwargs["med_config"] = os.path.basename(kwargs["med_config"])  # the shipped copies
+    with torch.device("meta"):
+        return FACTORIES[facts["factory"]](**kwargs), facts
+
+
+def test_every_in_scope_file_is_covered():
+    expected = {"blip_pretrain", "blip_itm", "blip_nlvr", "blip_pretrain_large", "blip_itm_large"}
+    assert expected <= set(IN_SCOPE)
+
+
+@pytest.mark.parametrize("name", IN_SCOPE)
+def test_state_dict_matches_original(name):
+    model, facts = build(name)
+    state = model.state_dict(keep_vars=True)
+    params = {id(p) for p in model.parameters()}
+    assert len(state) == facts["num_state_dict_keys"]
+    assert list(state) == [r["key"] for r in facts["state_dict"]]
+    for record in facts["state_dict"]:
+        tensor = state[record["key"]]
+        assert list(tensor.shape) == record["shape"], record["key"]
+        assert str(tensor.dtype).replace("torch.", "") == record["dtype"], record["key"]
+        assert ("parameter" if id(tensor) in params else "buffer") == record["kind"], record["key"]
+        if record["kind"] == "parameter":
+            assert tensor.requires_grad == record["requires_grad"], record["key"]
+
+    groups = {}
+    for key, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(key)
+    tied = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    assert tied == sorted(sorted(g) for g in facts["tied_groups"])
+    assert len(groups) == facts["num_unique_tensors"]
+    unique = {id(p): p for p in model.parameters()}
+    assert sum(p.numel() for p in unique.values()) == facts["num_parameters"]
+    assert sum(p.numel() for p in unique.values() if p.requires_grad) == facts["num_trainable_parameters"]
+
+    buffers = dict(model.named_buffers())
+    for record in facts["buffers"]:
+        assert record["name"] in buffers and record["persistent"] == (record["name"] in state)
+
+
+@pytest.mark.parametrize("name", [n for n in IN_SCOPE if "vit_grad_ckpt_true_ckpt_layer_4_same_keys" in
+                                  (load_facts(n).get("loading") or {})])
+def test_activation_checkpointing_keeps_keys(name):
+    plain, _ = build(name)
+    ckpt, _ = build(name, vit_grad_ckpt=True, vit_ckpt_layer=4)
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    flags = [blk.use_grad_checkpointing for blk in ckpt.visual_encoder.blocks]
+    assert flags == [False] * (len(flags) - 4) + [True] * 4
+
+
+def test_momentum_pairs_match():
+    model, facts = build("blip_pretrain")
+    pairs = [[type(m).__name__ for m in pair] for pair in model.model_pairs]
+    names = {id(m): n for n, m in model.named_children()}
+    assert [[names[id(m)] for m in pair] for pair in model.model_pairs] == facts["loading"]["momentum_pairs"]
+    assert all(a == b for a, b in pairs)
