@@ -16,7 +16,8 @@ Vision tower (transformers -> original):
 
 The text towers keep their names (``text_encoder.*``, ``text_decoder.bert.*``,
 ``text_decoder.cls.*``), as do ``vision_proj``, ``text_proj`` and ``itm_head``. transformers'
-text embeddings have no ``position_ids`` buffer in some versions; it is filled in when missing.
+text embeddings may lack the ``position_ids`` buffer or hold it at another length; it is rebuilt
+as ``arange(max_position_embeddings)``.
 """
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ def from_transformers_blip(state_dict: Dict[str, Tensor], max_position_embedding
         if key.startswith("vision_model."):
             out["visual_encoder." + _map(key[len("vision_model."):], _VISION_RULES)] = value
         elif key.endswith("embeddings.position_ids"):
-            out[key] = value.reshape(1, -1)
+            continue  # a constant arange, rebuilt below at the model's length
         else:
             out[key] = value
     for prefix in ("text_encoder.", "text_decoder.bert."):
         has_tower = any(k.startswith(prefix + "embeddings.") for k in out)
-        if has_tower and prefix + "embeddings.position_ids" not in out:
+        if has_tower:
             out[prefix + "embeddings.position_ids"] = torch.arange(max_position_embeddings).unsqueeze(0)
     return out
 
