@@ -15,7 +15,6 @@ from blip_fast.models.blip_nlvr import load_checkpoint as load_nlvr_checkpoint
 from blip_fast.models.vit import interpolate_pos_embed
 from test_state_dicts import REFERENCE, load_facts
 
-pytestmark = pytest.mark.skipif(not REFERENCE.exists(), reason="reference facts not found")
 
 
 def checkpoint_from_facts(name, seed=0):
