@@ -68,8 +68,13 @@ class Tokenizer:
         return tok.TokenizedText(ids, mask)
 
 
-def images(batch: int, size: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=generator).to(device)
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A random generator on ``device`` (inputs are drawn where they are used: no host copies)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def images(batch: int, size: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=gen, device=device)
 
 
 def captions(tokenizer: Tokenizer, batch: int, max_length: int, rng: random.Random,
@@ -82,6 +87,6 @@ def image_text_sets(tokenizer: Tokenizer, n_sets: int, batch: int, image_size: i
                     ) -> List[Tuple[torch.Tensor, tok.TokenizedText]]:
     """``n_sets`` independent (images, captions) sets, generated and tokenised up front."""
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(device, seed)
     return [(images(n_images or batch, image_size, device, gen), captions(tokenizer, batch, max_length, rng, device))
             for _ in range(n_sets)]

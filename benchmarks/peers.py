@@ -37,7 +37,7 @@ class TimmVit(VitOnly):
     impl = "timm"
     uses_backends = False
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self):
         import timm  # noqa: F401  (ImportError -> the peer is skipped)
         from timm.models.vision_transformer import VisionTransformer
 
@@ -50,15 +50,12 @@ class TimmVit(VitOnly):
             model = VisionTransformer(img_size=s.vit_image, patch_size=d.patch, embed_dim=d.width, depth=d.depth,
                                       num_heads=s.vit_base_heads, num_classes=0)
             name = f"VisionTransformer({d.width}x{d.depth})"
-        fused = getattr(model.blocks[0].attn, "fused_attn", None)
-        self.detail = f"{name}, fused_attn={fused}"
-        return model.to(self.ctx.device)
+        return model.to(self.ctx.device), name
 
     def setup(self) -> None:
-        self.model = self.ctx.shared("timm_vit", self.build_model)
-        if not self.detail:
-            fused = getattr(self.model.blocks[0].attn, "fused_attn", None)
-            self.detail = f"timm ViT, fused_attn={fused}"
+        self.model, name = self.ctx.shared("timm_vit", self.build_model)
+        fused = getattr(self.model.blocks[0].attn, "fused_attn", None)
+        self.detail = f"{name}, fused_attn={fused}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -151,6 +148,7 @@ class TorchSdpa(AttentionOp):
         super().__init__(ctx, pattern, backward)
         self.kernel = kernel
         self.detail = kernel
+        self.peer_backend = kernel
 
     def setup(self) -> None:
         from torch.nn.attention import sdpa_kernel

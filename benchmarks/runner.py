@@ -90,6 +90,8 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.05,
                    help="--compare: relative slow-down counted as a regression (default 0.05)")
     p.add_argument("--report-from", metavar="JSON", help="rewrite report.md and plots from a results.json")
+    p.add_argument("--print", dest="print_tables", action="store_true",
+                   help="with --report-from: also print the console tables")
     return p
 
 
@@ -253,7 +255,8 @@ class Runner:
         self.input_sets = max(1, args.input_sets if args.input_sets is not None else d.input_sets)
         self.max_case_s = args.max_case_seconds if args.max_case_seconds is not None else d.max_case_seconds
         self.deadline = time.monotonic() + args.time_budget if args.time_budget else None
-        self.patterns = args.attention_patterns or list(attention_shapes(self.sizes, 1))
+        quick_cpu_patterns = ["vit_self", "decoder_causal"] if args.quick and size == "tiny" else None
+        self.patterns = args.attention_patterns or quick_cpu_patterns or list(attention_shapes(self.sizes, 1))
         bad = [p for p in self.patterns if p not in attention_shapes(self.sizes, 1)]
         if bad:
             raise SystemExit(f"unknown attention pattern(s) {bad}")
@@ -362,10 +365,12 @@ class Runner:
     def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int,
                  inputs_cache: Dict[Any, Any], progress: Progress) -> Dict[str, Any]:
         row: Dict[str, Any] = {
-            "group": w.group, "variant": w.variant, "impl": w.impl, "backend": backend, "label": None,
+            "group": w.group, "variant": w.variant, "impl": w.impl,
+            "backend": backend if w.uses_backends else w.peer_backend, "label": None,
             "dtype": dtype, "batch": batch, "unit": w.unit, "status": "ok", "reason": None,
         }
-        progress.start(f"{w.group} {w.variant} {w.impl}{'[' + backend + ']' if backend else ''} {dtype} b={batch}")
+        tag = row["backend"]
+        progress.start(f"{w.group} {w.variant} {w.impl}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
         rem = self.remaining()
         if rem is not None and rem <= 0:
             row.update(status="skipped", reason="time budget exhausted")
@@ -377,7 +382,7 @@ class Runner:
             w.ensure_setup()
             row["label"] = self._label(w, backend)
             row["shape"] = w.shape(batch)
-            key = (id(w), dtype if w.inputs_depend_on_dtype else None)
+            key = (w.input_key(), batch, dtype if w.inputs_depend_on_dtype else None)
             if key not in inputs_cache:
                 inputs_cache[key] = w.make_inputs(batch, self.input_sets)
             sets = inputs_cache[key]
@@ -555,6 +560,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m benchmarks") -
             loaded = json.load(f)
         out = args.out if args.out != "bench_out" else os.path.dirname(os.path.abspath(args.report_from))
         files = report.write_reports(loaded, out, plots=not args.no_plots)
+        if args.print_tables:
+            rows = loaded["results"]
+            for group in dict.fromkeys(r["group"] for r in rows):
+                print(report.console_table(group, [r for r in rows if r["group"] == group],
+                                           loaded["meta"].get("device", "cpu")))
         print("wrote " + ", ".join(files))
         return 0
     return Runner(args, argv, prog).run()

@@ -48,6 +48,8 @@ class Workload:
     unit = "img/s"
     uses_backends = True
     inputs_depend_on_dtype = False
+    #: For peers: what tells apart several rows of one peer (e.g. the SDPA kernel), else None.
+    peer_backend: Optional[str] = None
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -91,6 +93,10 @@ class Workload:
         if self.dtype == "bf16":
             return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def input_key(self) -> Any:
+        """Workloads with equal keys take the same inputs (shared within a batch size and dtype)."""
+        return (self.group, self.variant)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         raise NotImplementedError
@@ -148,6 +154,9 @@ class PretrainStep(Workload):
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        if batch < 2:
+            raise ValueError("BLIP_Pretrain needs a batch of at least 2 (each sample's hard negative is "
+                             "drawn from the other samples)")
         s = self.ctx.sizes
         return data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.pretrain_image, s.pretrain_len,
                                     self.ctx.device, self.ctx.seed + batch)
@@ -229,8 +238,8 @@ class NlvrStep(Workload):
         s = self.ctx.sizes
         sets = data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.nlvr_image, s.nlvr_len, self.ctx.device,
                                     self.ctx.seed + 13 * batch, n_images=2 * batch)
-        gen = torch.Generator().manual_seed(self.ctx.seed)
-        return [(img, txt, torch.randint(0, 2, (batch,), generator=gen).to(self.ctx.device)) for img, txt in sets]
+        gen = data.generator(self.ctx.device, self.ctx.seed)
+        return [(img, txt, torch.randint(0, 2, (batch,), generator=gen, device=self.ctx.device)) for img, txt in sets]
 
     def step(self, inputs: Any) -> None:
         images, text, targets = inputs
@@ -278,7 +287,7 @@ class VitOnly(Workload):
         return self.model(x)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
-        gen = torch.Generator().manual_seed(self.ctx.seed + batch)
+        gen = data.generator(self.ctx.device, self.ctx.seed + batch)
         return [data.images(batch, self.ctx.sizes.vit_image, self.ctx.device, gen) for _ in range(n_sets)]
 
     def step(self, x: Any) -> None:
@@ -390,21 +399,19 @@ class AttentionOp(Workload):
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         sp = self.spec(batch)
         dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
-        gen = torch.Generator().manual_seed(self.ctx.seed + batch)
+        dev = self.ctx.device
+        gen = data.generator(dev, self.ctx.seed + batch)
         sets = []
         for _ in range(n_sets):
-            q = torch.randn(sp["batch"], sp["heads"], sp["lq"], sp["head_dim"], generator=gen)
-            k = torch.randn(sp["batch"], sp["heads"], sp["lk"], sp["head_dim"], generator=gen)
-            v = torch.randn(sp["batch"], sp["heads"], sp["lk"], sp["head_dim"], generator=gen)
-            g = torch.randn(sp["batch"], sp["heads"], sp["lq"], sp["head_dim"], generator=gen)
+            b, h, lq, lk, d = sp["batch"], sp["heads"], sp["lq"], sp["lk"], sp["head_dim"]
+            q, k, v, g = (torch.randn(b, h, n, d, generator=gen, device=dev).to(dtype) for n in (lq, lk, lk, lq))
+            for t in (q, k, v):
+                t.requires_grad_(self.backward)
             mask = None
             if sp["mask"] != "none":
-                lengths = torch.randint(max(2, sp["lk"] // 2), sp["lk"] + 1, (sp["batch"],), generator=gen)
-                mask = torch.arange(sp["lk"])[None, :] < lengths[:, None]
-            tensors = [t.to(self.ctx.device, dtype) for t in (q, k, v, g)]
-            for t in tensors[:3]:
-                t.requires_grad_(self.backward)
-            sets.append((*tensors, None if mask is None else mask.to(self.ctx.device)))
+                lengths = torch.randint(max(2, lk // 2), lk + 1, (b,), generator=gen, device=dev)
+                mask = torch.arange(lk, device=dev)[None, :] < lengths[:, None]
+            sets.append((q, k, v, g, mask))
         return sets
 
     @property
