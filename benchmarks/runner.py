@@ -303,6 +303,7 @@ class Runner:
             "matmul": None,
         }
         self.rows: List[Dict[str, Any]] = []
+        self.fatal: Optional[str] = None
 
     @staticmethod
     def _device(name: str) -> torch.device:
@@ -372,10 +373,11 @@ class Runner:
         tag = row["backend"]
         progress.start(f"{w.group} {w.variant} {w.impl}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
         rem = self.remaining()
-        if rem is not None and rem <= 0:
-            row.update(status="skipped", reason="time budget exhausted")
+        if (rem is not None and rem <= 0) or self.fatal:
+            why = self.fatal or "time budget exhausted"
+            row.update(status="skipped", reason=why)
             row["label"] = self._label(w, backend)
-            progress.end("skipped (time budget)")
+            progress.end(f"skipped ({why[:120]})")
             return row
         try:
             w.dtype = dtype
@@ -435,6 +437,9 @@ class Runner:
         except Exception as exc:  # record, free, continue
             status, reason = self._classify(exc)
             row.update(status=status, reason=reason)
+            if self.device.type == "cuda" and any(t in reason for t in ("CUDA error", "device-side assert",
+                                                                       "illegal memory access")):
+                self.fatal = f"the CUDA context is unusable after an earlier error ({reason[:160]})"
             if row["label"] is None:
                 row["label"] = self._label(w, backend)
             progress.end(f"{status}: {reason[:200]}")
