@@ -73,6 +73,7 @@ def collect(device: torch.device, prog: str, argv, commit_override: Optional[str
         "blip_fast": _version("blip_fast"),
         "device": device.type,
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":

@@ -35,6 +35,7 @@ def _attn_impl_model(cls, config, preferred=("sdpa", "eager")):
 # -- timm ------------------------------------------------------------------------------------------
 class TimmVit(VitOnly):
     impl = "timm"
+    model_key = "timm_vit"
     uses_backends = False
 
     def build_model(self):
@@ -76,6 +77,7 @@ def blip_config(ctx: Context):
 
 class HfBlipItm(ItmInference):
     impl = "transformers"
+    model_key = "hf_blip_itm"
     uses_backends = False
 
     def setup(self) -> None:
@@ -98,6 +100,7 @@ class HfBlipItm(ItmInference):
 
 class HfBertText(TextOnly):
     impl = "transformers"
+    model_key = "hf_bert"
     uses_backends = False
 
     def setup(self) -> None:

@@ -96,7 +96,16 @@ def _columns(rows: List[Dict[str, Any]], device_type: str) -> List[Tuple[str, An
     return cols
 
 
+def display_order(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Rows of one group side by side: by variant, batch, dtype, then blip_fast before the peers."""
+    variants = {v: i for i, v in enumerate(OrderedDict.fromkeys(r["variant"] for r in rows))}
+    labels = {v: i for i, v in enumerate(OrderedDict.fromkeys(r["label"] for r in rows))}
+    return sorted(rows, key=lambda r: (variants[r["variant"]], r["batch"], r["dtype"] != "fp32",
+                                       r["impl"] != "blip_fast", labels[r["label"]]))
+
+
 def console_table(group: str, rows: List[Dict[str, Any]], device_type: str) -> str:
+    rows = display_order(rows)
     cols = _columns(rows, device_type)
     cells = [[str(fn(r)) for _, fn in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _) in enumerate(cols)]
@@ -118,7 +127,7 @@ def markdown(data: Dict[str, Any]) -> str:
         ("transformers", meta.get("transformers")), ("timm", meta.get("timm")), ("git commit", meta.get("git_commit")),
         ("command", f"`{meta.get('command')}`"), ("sizes", (meta.get("sizes") or {}).get("name")),
         ("dtypes", (meta.get("settings") or {}).get("dtype_policy")),
-        ("TF32 for fp32 matmuls", meta.get("tf32_matmul")), ("tokenisation (outside timing)", meta.get("tokenization")),
+        ("TF32 for fp32 matmuls / cuDNN convolutions", f"{meta.get('tf32_matmul')} / {meta.get('tf32_cudnn', 'n/a')}"), ("tokenisation (outside timing)", meta.get("tokenization")),
         ("backends run", ", ".join(meta.get("backends_run") or [])),
     ]
     mm = meta.get("matmul") or {}
@@ -144,7 +153,7 @@ def markdown(data: Dict[str, Any]) -> str:
             "analytically (benchmarks/flops.py); MFU is against the bf16 matmul rate above, for every dtype.", ""]
     groups = list(OrderedDict.fromkeys(r["group"] for r in rows))
     for g in groups:
-        grows = [r for r in rows if r["group"] == g]
+        grows = display_order([r for r in rows if r["group"] == g])
         out.append(f"## {g}: {GROUP_TITLES.get(g, '')}")
         shapes = OrderedDict()
         for r in grows:

@@ -346,16 +346,18 @@ class Runner:
         plan = []
         for group in self.groups:
             wls = group_workloads(group, self.ctx, self.patterns, self.peers)
-            variants = list(dict.fromkeys(w.variant for w in wls))
             cases = []
-            for variant in variants:
-                ws = [w for w in wls if w.variant == variant]
-                for batch in self.batches[group]:
-                    for dtype in ("fp32", "bf16"):
-                        for w in ws:
-                            for backend in (self.backends if w.uses_backends else [None]):
-                                if dtype in self.dtypes_for(group, backend):
-                                    cases.append((w, backend, dtype, batch))
+            # One model at a time (its cases, then it is freed), so peak memory is its own.
+            for model_key in dict.fromkeys(w.model_key for w in wls):
+                mws = [w for w in wls if w.model_key == model_key]
+                for variant in dict.fromkeys(w.variant for w in mws):
+                    ws = [w for w in mws if w.variant == variant]
+                    for batch in self.batches[group]:
+                        for dtype in ("fp32", "bf16"):
+                            for w in ws:
+                                for backend in (self.backends if w.uses_backends else [None]):
+                                    if dtype in self.dtypes_for(group, backend):
+                                        cases.append((w, backend, dtype, batch))
             plan.append((group, cases))
         return plan
 
@@ -530,13 +532,19 @@ class Runner:
         try:
             for group, cases in plan:
                 inputs_cache: Dict[Any, Any] = {}
-                last_batch = None
-                for w, backend, dtype, batch in cases:
-                    if (w.variant, batch) != last_batch:
+                last = None
+                for i, (w, backend, dtype, batch) in enumerate(cases):
+                    if (w.model_key, w.variant, batch) != last:
                         inputs_cache.clear()
-                        last_batch = (w.variant, batch)
+                        last = (w.model_key, w.variant, batch)
                     self.rows.append(self.run_case(w, backend, dtype, batch, inputs_cache, progress))
                     self.save_json()
+                    if w.model_key is not None and all(c[0].model_key != w.model_key for c in cases[i + 1:]):
+                        inputs_cache.clear()
+                        for done in {id(c[0]): c[0] for c in cases if c[0].model_key == w.model_key}.values():
+                            done.teardown()
+                        self.ctx.drop(w.model_key)
+                        timing.free_memory(self.device)
                 inputs_cache.clear()
                 for w in {id(w): w for w, _, _, _ in cases}.values():
                     w.teardown()

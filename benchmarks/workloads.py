@@ -37,6 +37,9 @@ class Context:
             self._cache[key] = build()
         return self._cache[key]
 
+    def drop(self, key: str) -> None:
+        self._cache.pop(key, None)
+
     def clear(self) -> None:
         self._cache.clear()
 
@@ -50,6 +53,9 @@ class Workload:
     inputs_depend_on_dtype = False
     #: For peers: what tells apart several rows of one peer (e.g. the SDPA kernel), else None.
     peer_backend: Optional[str] = None
+    #: The model this workload runs (its ``Context.shared`` key). The runner finishes every case of
+    #: one model and frees it before building the next, so peak memory never counts another model.
+    model_key: Optional[str] = None
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -140,6 +146,7 @@ class PretrainStep(Workload):
         super().__init__(ctx)
         self.large = large
         self.group = "pretrain_large" if large else "pretrain"
+        self.model_key = self.group
         s = ctx.sizes
         self.vit = s.vit_large if large else s.vit_base
         self.vit_dims = s.vit_large_dims if large else s.vit_base_dims
@@ -193,6 +200,8 @@ def _itm_model(ctx: Context):
 
 
 class ItmInference(Workload):
+    model_key = "blip_itm"
+
     def __init__(self, ctx: Context, head: str):
         super().__init__(ctx)
         self.group = self.variant = self.head = head
@@ -223,6 +232,7 @@ class ItmInference(Workload):
 # -- BLIP_NLVR -------------------------------------------------------------------------------------
 class NlvrStep(Workload):
     group = "nlvr"
+    model_key = "nlvr"
     variant = "train"
     unit = "pairs/s"
 
@@ -266,6 +276,7 @@ class NlvrStep(Workload):
 # -- ViT alone -------------------------------------------------------------------------------------
 class VitOnly(Workload):
     group = "vit"
+    model_key = "blip_vit"
 
     def __init__(self, ctx: Context, backward: bool):
         super().__init__(ctx)
@@ -317,6 +328,7 @@ class VitOnly(Workload):
 # -- text encoder alone ----------------------------------------------------------------------------
 class TextOnly(Workload):
     group = "text"
+    model_key = "blip_text"
     unit = "tok/s"
 
     def __init__(self, ctx: Context, backward: bool):
