@@ -269,6 +269,10 @@ class Runner:
                 raise SystemExit(f"unknown backend(s) {unknown}; known: {sorted(known)}")
             self.backends = order_backends(list(dict.fromkeys(args.backends)))
         else:
+            if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" \
+                    and self.backend_status.get("triton") is None:
+                self.backend_status["triton"] = ("runs in the Triton interpreter here (TRITON_INTERPRET=1), which "
+                                                  "measures nothing useful; ask for it with --backends triton")
             self.backends = order_backends([n for n, r in self.backend_status.items() if r is None] + [ops.AUTO])
         if args.no_peers:
             requested_peers: List[str] = []
