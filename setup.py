@@ -1,6 +1,8 @@
 """Install blip_fast: ``pip install .`` (or ``pip install -e .`` for development).
 
-The kernel sources in ``kernels/`` install as the subpackage ``blip_fast._kernels``.
+The kernel sources in ``kernels/`` install as the subpackage ``blip_fast._kernels``, and the
+benchmark suite in ``benchmarks/`` as ``blip_fast._benchmarks`` (so ``blip-fast bench`` works
+from any install).
 """
 import os
 import re
@@ -35,8 +37,9 @@ setup(
         "blip_fast.configs",
         "blip_fast._kernels",
         "blip_fast._kernels.triton",
+        "blip_fast._benchmarks",
     ],
-    package_dir={"blip_fast._kernels": "kernels"},
+    package_dir={"blip_fast._kernels": "kernels", "blip_fast._benchmarks": "benchmarks"},
     package_data={"blip_fast.configs": ["*.json", "*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -1,0 +1,454 @@
+"""The benchmarked workloads: one class per (model, mode), built once and reused across backends,
+dtypes and batch sizes of its group.
+
+A workload builds its model in :meth:`Workload.setup`, makes ``n_sets`` independent input sets per
+batch size in :meth:`Workload.make_inputs` (the runner rotates among them so caches cannot
+flatter small shapes), and runs one step in :meth:`Workload.step`. The runner selects the op
+backend around each step; peers (``peers.py``) are workloads with ``uses_backends = False``.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+import blip_fast
+from blip_fast import ops
+from blip_fast.models.med import BertModel, load_med_config
+
+from . import data, flops
+from .config import Sizes
+
+
+class Context:
+    """What every workload shares: device, sizes, tokenizer, seed and a per-group model cache."""
+
+    def __init__(self, device: torch.device, sizes: Sizes, tokenizer: data.Tokenizer, seed: int = 0):
+        self.device = device
+        self.sizes = sizes
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self._cache: Dict[str, Any] = {}
+
+    def shared(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def drop(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class Workload:
+    group = ""
+    variant = ""
+    impl = "blip_fast"
+    unit = "img/s"
+    uses_backends = True
+    inputs_depend_on_dtype = False
+    #: For peers: what tells apart several rows of one peer (e.g. the SDPA kernel), else None.
+    peer_backend: Optional[str] = None
+    #: The model this workload runs (its ``Context.shared`` key). The runner finishes every case of
+    #: one model and frees it before building the next, so peak memory never counts another model.
+    model_key: Optional[str] = None
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.dtype = "fp32"
+        self.detail = ""  # what a peer really ran (attention implementation, kernel)
+        self.setup_error: Optional[BaseException] = None
+        self._ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def ensure_setup(self) -> None:
+        if self.setup_error is not None:
+            raise self.setup_error
+        if not self._ready:
+            try:
+                self.setup()
+            except BaseException as exc:
+                self.setup_error = exc
+                raise
+            self._ready = True
+
+    def setup(self) -> None:
+        """Build the model (once)."""
+
+    def begin_case(self) -> None:
+        """Called before the warm-up of every case (e.g. train/eval mode)."""
+
+    def cleanup(self) -> None:
+        """Drop what a failed step may have left (gradients)."""
+
+    #: Attributes holding models, optimizers and other memory, dropped by :meth:`teardown`.
+    resources = ("model", "optimizer")
+
+    def teardown(self) -> None:
+        for name in self.resources:
+            if hasattr(self, name):
+                setattr(self, name, None)
+        self._ready = False
+
+    # -- per case ----------------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def input_key(self) -> Any:
+        """Workloads with equal keys take the same inputs (shared within a batch size and dtype)."""
+        return (self.group, self.variant)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        raise NotImplementedError
+
+    def step(self, inputs: Any) -> None:
+        raise NotImplementedError
+
+    def items(self, batch: int) -> float:
+        return float(batch)
+
+    def flops(self, batch: int) -> Optional[float]:
+        return None
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        return {}
+
+    @property
+    def label(self) -> str:
+        return self.impl if not self.detail else f"{self.impl} ({self.detail})"
+
+
+def _build(fn: Callable[[], torch.nn.Module], device: torch.device) -> torch.nn.Module:
+    """Build a model directly on ``device`` (fast initialisation on the GPU)."""
+    with torch.device(device):
+        return fn()
+
+
+def _med_kwargs(sizes: Sizes) -> Dict[str, Any]:
+    return {} if sizes.med is None else {"med_config": dict(sizes.med)}
+
+
+def _vit_name(vit: Any) -> str:
+    return vit if isinstance(vit, str) else "custom " + ",".join(f"{k}={v}" for k, v in vit.items())
+
+
+# -- BLIP_Pretrain ---------------------------------------------------------------------------------
+class PretrainStep(Workload):
+    variant = "train"
+
+    def __init__(self, ctx: Context, large: bool = False):
+        super().__init__(ctx)
+        self.large = large
+        self.group = "pretrain_large" if large else "pretrain"
+        self.model_key = self.group
+        s = ctx.sizes
+        self.vit = s.vit_large if large else s.vit_base
+        self.vit_dims = s.vit_large_dims if large else s.vit_base_dims
+
+    def setup(self) -> None:
+        s = self.ctx.sizes
+        self.model = _build(lambda: blip_fast.blip_pretrain(image_size=s.pretrain_image, vit=self.vit,
+                                                            queue_size=s.queue_size, **_med_kwargs(s)),
+                            self.ctx.device)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        if batch < 2:
+            raise ValueError("BLIP_Pretrain needs a batch of at least 2 (each sample's hard negative is "
+                             "drawn from the other samples)")
+        s = self.ctx.sizes
+        return data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.pretrain_image, s.pretrain_len,
+                                    self.ctx.device, self.ctx.seed + batch)
+
+    def step(self, inputs: Any) -> None:
+        image, text = inputs
+        with self.autocast():
+            loss_ita, loss_itm, loss_lm = self.model(image, text, alpha=0.4)
+            loss = loss_ita + loss_itm + loss_lm
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def cleanup(self) -> None:
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def flops(self, batch: int) -> float:
+        s = self.ctx.sizes
+        return flops.pretrain_step_flops(self.vit_dims, s.text_dims, s.pretrain_image, s.pretrain_len, batch,
+                                         s.queue_size)["total"]
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [batch, 3, s.pretrain_image, s.pretrain_image], "text_len": s.pretrain_len,
+                "vit": _vit_name(self.vit), "queue_size": s.queue_size, "optimizer": "AdamW"}
+
+
+# -- BLIP_ITM --------------------------------------------------------------------------------------
+def _itm_model(ctx: Context):
+    s = ctx.sizes
+    return ctx.shared("blip_itm", lambda: _build(
+        lambda: blip_fast.blip_itm(image_size=s.itm_image, vit=s.vit_base, **_med_kwargs(s)).eval(), ctx.device))
+
+
+class ItmInference(Workload):
+    model_key = "blip_itm"
+
+    def __init__(self, ctx: Context, head: str):
+        super().__init__(ctx)
+        self.group = self.variant = self.head = head
+
+    def setup(self) -> None:
+        self.model = _itm_model(self.ctx)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        s = self.ctx.sizes
+        return data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.itm_image, s.itm_len,
+                                    self.ctx.device, self.ctx.seed + 7 * batch)
+
+    def step(self, inputs: Any) -> None:
+        image, text = inputs
+        with torch.inference_mode(), self.autocast():
+            self.model(image, text, match_head=self.head)
+
+    def flops(self, batch: int) -> float:
+        s = self.ctx.sizes
+        fn = flops.itm_flops if self.head == "itm" else flops.itc_flops
+        return fn(s.vit_base_dims, s.text_dims, s.itm_image, s.itm_len, batch)
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [batch, 3, s.itm_image, s.itm_image], "text_len": s.itm_len, "vit": _vit_name(s.vit_base)}
+
+
+# -- BLIP_NLVR -------------------------------------------------------------------------------------
+class NlvrStep(Workload):
+    group = "nlvr"
+    model_key = "nlvr"
+    variant = "train"
+    unit = "pairs/s"
+
+    def setup(self) -> None:
+        s = self.ctx.sizes
+        self.model = _build(lambda: blip_fast.blip_nlvr(image_size=s.nlvr_image, vit=s.vit_base, **_med_kwargs(s)),
+                            self.ctx.device)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5,
+                                           weight_decay=0.05)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        s = self.ctx.sizes
+        sets = data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.nlvr_image, s.nlvr_len, self.ctx.device,
+                                    self.ctx.seed + 13 * batch, n_images=2 * batch)
+        gen = data.generator(self.ctx.device, self.ctx.seed)
+        return [(img, txt, torch.randint(0, 2, (batch,), generator=gen, device=self.ctx.device)) for img, txt in sets]
+
+    def step(self, inputs: Any) -> None:
+        images, text, targets = inputs
+        with self.autocast():
+            loss = self.model(images, text, targets, train=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def cleanup(self) -> None:
+        if getattr(self, "optimizer", None) is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def flops(self, batch: int) -> float:
+        s = self.ctx.sizes
+        return flops.nlvr_step_flops(s.vit_base_dims, s.text_dims, s.nlvr_image, s.nlvr_len, batch)
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [2 * batch, 3, s.nlvr_image, s.nlvr_image], "text_len": s.nlvr_len,
+                "vit": _vit_name(s.vit_base), "optimizer": "AdamW"}
+
+
+# -- ViT alone -------------------------------------------------------------------------------------
+class VitOnly(Workload):
+    group = "vit"
+    model_key = "blip_vit"
+
+    def __init__(self, ctx: Context, backward: bool):
+        super().__init__(ctx)
+        self.backward = backward
+        self.variant = "fwdbwd" if backward else "fwd"
+
+    def build_model(self) -> torch.nn.Module:
+        s = self.ctx.sizes
+        return self.ctx.shared("blip_vit", lambda: _build(lambda: blip_fast.create_vit(s.vit_base, s.vit_image)[0],
+                                                          self.ctx.device))
+
+    def setup(self) -> None:
+        self.model = self.build_model()
+
+    def begin_case(self) -> None:
+        self.model.train(self.backward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        gen = data.generator(self.ctx.device, self.ctx.seed + batch)
+        return [data.images(batch, self.ctx.sizes.vit_image, self.ctx.device, gen) for _ in range(n_sets)]
+
+    def step(self, x: Any) -> None:
+        if self.backward:
+            self.model.zero_grad(set_to_none=True)
+            with self.autocast():
+                out = self.forward(x)
+            out.float().mean().backward()
+        else:
+            with torch.inference_mode(), self.autocast():
+                self.forward(x)
+
+    def cleanup(self) -> None:
+        if getattr(self, "model", None) is not None:
+            self.model.zero_grad(set_to_none=True)
+
+    def flops(self, batch: int) -> float:
+        s = self.ctx.sizes
+        return flops.vit_flops(s.vit_base_dims, s.vit_image, batch, self.backward)
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [batch, 3, s.vit_image, s.vit_image], "vit": _vit_name(s.vit_base),
+                "loss": "mean of the output features" if self.backward else None}
+
+
+# -- text encoder alone ----------------------------------------------------------------------------
+class TextOnly(Workload):
+    group = "text"
+    model_key = "blip_text"
+    unit = "tok/s"
+
+    def __init__(self, ctx: Context, backward: bool):
+        super().__init__(ctx)
+        self.backward = backward
+        self.variant = "fwdbwd" if backward else "fwd"
+
+    def setup(self) -> None:
+        s = self.ctx.sizes
+        config = load_med_config(dict(s.med) if s.med is not None else "med_config.json")
+        self.model = self.ctx.shared("blip_text", lambda: _build(lambda: BertModel(config, add_pooling_layer=False),
+                                                                 self.ctx.device))
+
+    def begin_case(self) -> None:
+        self.model.train(self.backward)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        rng = random.Random(self.ctx.seed + batch)
+        return [data.captions(self.ctx.tokenizer, batch, self.ctx.sizes.text_len, rng, self.ctx.device)
+                for _ in range(n_sets)]
+
+    def forward(self, text: Any) -> torch.Tensor:
+        return self.model(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
+
+    def step(self, text: Any) -> None:
+        if self.backward:
+            self.model.zero_grad(set_to_none=True)
+            with self.autocast():
+                out = self.forward(text)
+            out.float().mean().backward()
+        else:
+            with torch.inference_mode(), self.autocast():
+                self.forward(text)
+
+    def cleanup(self) -> None:
+        if getattr(self, "model", None) is not None:
+            self.model.zero_grad(set_to_none=True)
+
+    def items(self, batch: int) -> float:
+        return float(batch * self.ctx.sizes.text_len)
+
+    def flops(self, batch: int) -> float:
+        s = self.ctx.sizes
+        return flops.text_flops(s.text_dims, s.text_len, batch, self.backward)
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"tokens": [batch, s.text_len], "layers": s.text_dims.layers, "hidden": s.text_dims.width,
+                "note": "tok/s counts padded positions"}
+
+
+# -- attention op ----------------------------------------------------------------------------------
+def attention_shapes(sizes: Sizes, batch: int) -> Dict[str, Dict[str, Any]]:
+    """The four attention patterns of BLIP at this configuration's sizes."""
+    h, d = sizes.attn_heads, sizes.attn_head_dim
+    n_img = (sizes.pretrain_image // 16) ** 2 + 1
+    L = sizes.pretrain_len
+    return {
+        "vit_self": dict(batch=batch, heads=h, lq=n_img, lk=n_img, head_dim=d, mask="none"),
+        "bert_self_padding": dict(batch=batch, heads=h, lq=L, lk=L, head_dim=d, mask="padding"),
+        "cross": dict(batch=batch, heads=h, lq=L, lk=n_img, head_dim=d, mask="none"),
+        "decoder_causal": dict(batch=batch, heads=h, lq=L, lk=L, head_dim=d, mask="causal_padding"),
+    }
+
+
+class AttentionOp(Workload):
+    group = "attention"
+    unit = "seq/s"
+    inputs_depend_on_dtype = True
+
+    def __init__(self, ctx: Context, pattern: str, backward: bool):
+        super().__init__(ctx)
+        self.pattern = pattern
+        self.backward = backward
+        self.variant = f"{pattern}/{'fwdbwd' if backward else 'fwd'}"
+
+    def spec(self, batch: int) -> Dict[str, Any]:
+        return attention_shapes(self.ctx.sizes, batch)[self.pattern]
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        sp = self.spec(batch)
+        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        dev = self.ctx.device
+        gen = data.generator(dev, self.ctx.seed + batch)
+        sets = []
+        for _ in range(n_sets):
+            b, h, lq, lk, d = sp["batch"], sp["heads"], sp["lq"], sp["lk"], sp["head_dim"]
+            q, k, v, g = (torch.randn(b, h, n, d, generator=gen, device=dev).to(dtype) for n in (lq, lk, lk, lq))
+            for t in (q, k, v):
+                t.requires_grad_(self.backward)
+            mask = None
+            if sp["mask"] != "none":
+                lengths = torch.randint(max(2, lk // 2), lk + 1, (b,), generator=gen, device=dev)
+                mask = torch.arange(lk, device=dev)[None, :] < lengths[:, None]
+            sets.append((q, k, v, g, mask))
+        return sets
+
+    @property
+    def causal(self) -> bool:
+        return self.pattern == "decoder_causal"
+
+    def attend(self, q, k, v, mask):
+        return ops.attention(q, k, v, key_padding_mask=mask, causal=self.causal)
+
+    def step(self, inputs: Any) -> None:
+        q, k, v, g, mask = inputs
+        if self.backward:
+            q.grad = k.grad = v.grad = None
+            out = self.attend(q, k, v, mask)
+            out.backward(g)
+        else:
+            with torch.inference_mode():
+                self.attend(q, k, v, mask)
+
+    def flops(self, batch: int) -> float:
+        sp = self.spec(batch)
+        return flops.attention_flops(sp["batch"], sp["heads"], sp["lq"], sp["lk"], sp["head_dim"], self.backward)
+
+    def items(self, batch: int) -> float:
+        return float(self.spec(batch)["batch"])
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        return dict(self.spec(batch))

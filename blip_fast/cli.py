@@ -1,0 +1,36 @@
+"""The ``blip-fast`` command. ``blip-fast bench [options]`` runs the benchmark suite
+(``benchmarks/``; ``blip-fast bench --help`` lists its options)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+
+def _benchmarks():
+    """The benchmarks package: installed as ``blip_fast._benchmarks``, else from a source checkout."""
+    try:
+        return importlib.import_module("blip_fast._benchmarks")
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isfile(os.path.join(root, "benchmarks", "__init__.py")) and root not in sys.path:
+            sys.path.insert(0, root)
+        return importlib.import_module("benchmarks")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="blip-fast", description="blip_fast command-line tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("bench", add_help=False, help="run the benchmark suite (blip-fast bench --help)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _benchmarks().main(rest, prog="blip-fast bench")
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
