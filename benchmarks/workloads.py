@@ -273,33 +273,17 @@ class NlvrStep(Workload):
                 "vit": _vit_name(s.vit_base), "optimizer": "AdamW"}
 
 
-# -- ViT alone -------------------------------------------------------------------------------------
-class VitOnly(Workload):
-    group = "vit"
-    model_key = "blip_vit"
+# -- one tower alone: forward, or forward + backward of the mean output -----------------------------
+class EncoderWorkload(Workload):
+    """A single encoder timed on its own; subclasses build ``self.model`` and define ``forward``."""
 
     def __init__(self, ctx: Context, backward: bool):
         super().__init__(ctx)
         self.backward = backward
         self.variant = "fwdbwd" if backward else "fwd"
 
-    def build_model(self) -> torch.nn.Module:
-        s = self.ctx.sizes
-        return self.ctx.shared("blip_vit", lambda: _build(lambda: blip_fast.create_vit(s.vit_base, s.vit_image)[0],
-                                                          self.ctx.device))
-
-    def setup(self) -> None:
-        self.model = self.build_model()
-
     def begin_case(self) -> None:
         self.model.train(self.backward)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
-        gen = data.generator(self.ctx.device, self.ctx.seed + batch)
-        return [data.images(batch, self.ctx.sizes.vit_image, self.ctx.device, gen) for _ in range(n_sets)]
 
     def step(self, x: Any) -> None:
         if self.backward:
@@ -315,6 +299,27 @@ class VitOnly(Workload):
         if getattr(self, "model", None) is not None:
             self.model.zero_grad(set_to_none=True)
 
+
+# -- ViT alone -------------------------------------------------------------------------------------
+class VitOnly(EncoderWorkload):
+    group = "vit"
+    model_key = "blip_vit"
+
+    def build_model(self) -> torch.nn.Module:
+        s = self.ctx.sizes
+        return self.ctx.shared("blip_vit", lambda: _build(lambda: blip_fast.create_vit(s.vit_base, s.vit_image)[0],
+                                                          self.ctx.device))
+
+    def setup(self) -> None:
+        self.model = self.build_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        gen = data.generator(self.ctx.device, self.ctx.seed + batch)
+        return [data.images(batch, self.ctx.sizes.vit_image, self.ctx.device, gen) for _ in range(n_sets)]
+
     def flops(self, batch: int) -> float:
         s = self.ctx.sizes
         return flops.vit_flops(s.vit_base_dims, s.vit_image, batch, self.backward)
@@ -326,24 +331,16 @@ class VitOnly(Workload):
 
 
 # -- text encoder alone ----------------------------------------------------------------------------
-class TextOnly(Workload):
+class TextOnly(EncoderWorkload):
     group = "text"
     model_key = "blip_text"
     unit = "tok/s"
-
-    def __init__(self, ctx: Context, backward: bool):
-        super().__init__(ctx)
-        self.backward = backward
-        self.variant = "fwdbwd" if backward else "fwd"
 
     def setup(self) -> None:
         s = self.ctx.sizes
         config = load_med_config(dict(s.med) if s.med is not None else "med_config.json")
         self.model = self.ctx.shared("blip_text", lambda: _build(lambda: BertModel(config, add_pooling_layer=False),
                                                                  self.ctx.device))
-
-    def begin_case(self) -> None:
-        self.model.train(self.backward)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         rng = random.Random(self.ctx.seed + batch)
@@ -352,20 +349,6 @@ class TextOnly(Workload):
 
     def forward(self, text: Any) -> torch.Tensor:
         return self.model(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
-
-    def step(self, text: Any) -> None:
-        if self.backward:
-            self.model.zero_grad(set_to_none=True)
-            with self.autocast():
-                out = self.forward(text)
-            out.float().mean().backward()
-        else:
-            with torch.inference_mode(), self.autocast():
-                self.forward(text)
-
-    def cleanup(self) -> None:
-        if getattr(self, "model", None) is not None:
-            self.model.zero_grad(set_to_none=True)
 
     def items(self, batch: int) -> float:
         return float(batch * self.ctx.sizes.text_len)

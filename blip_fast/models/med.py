@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 
 from .. import ops
 from ._backend import BackendSelectable
-from .layers import LayerNorm
+from .layers import AttentionMapCapture, LayerNorm
 
 Tensor = torch.Tensor
 ImageStates = Union[Tensor, Sequence[Tensor]]
@@ -118,7 +118,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(AttentionMapCapture, nn.Module):
     """Multi-head attention; as cross-attention its keys/values come from the image width."""
 
     def __init__(self, config: BertConfig, is_cross_attention: bool):
@@ -141,18 +141,6 @@ class BertSelfAttention(nn.Module):
         self.save_attention = False
         self.attn_gradients: Optional[Tensor] = None
         self.attention_map: Optional[Tensor] = None
-
-    def save_attn_gradients(self, attn_gradients: Tensor) -> None:
-        self.attn_gradients = attn_gradients
-
-    def get_attn_gradients(self) -> Optional[Tensor]:
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map: Tensor) -> None:
-        self.attention_map = attention_map
-
-    def get_attention_map(self) -> Optional[Tensor]:
-        return self.attention_map
 
     def transpose_for_scores(self, x: Tensor) -> Tensor:
         """(B, L, H*D) -> (B, H, L, D) as a strided view."""

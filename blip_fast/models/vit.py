@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ._backend import BackendSelectable
-from .layers import LayerNorm
+from .layers import AttentionMapCapture, LayerNorm
 
 Tensor = torch.Tensor
 
@@ -102,7 +102,7 @@ class Mlp(nn.Module):
         return self.drop(x)
 
 
-class Attention(nn.Module):
+class Attention(AttentionMapCapture, nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     With ``register_hook=True`` the probabilities ``(B, heads, N, N)`` are kept
@@ -122,18 +122,6 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_gradients: Optional[Tensor] = None
         self.attention_map: Optional[Tensor] = None
-
-    def save_attn_gradients(self, attn_gradients: Tensor) -> None:
-        self.attn_gradients = attn_gradients
-
-    def get_attn_gradients(self) -> Optional[Tensor]:
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map: Tensor) -> None:
-        self.attention_map = attention_map
-
-    def get_attention_map(self) -> Optional[Tensor]:
-        return self.attention_map
 
     def forward(self, x: Tensor, register_hook: bool = False) -> Tensor:
         B, N, C = x.shape
