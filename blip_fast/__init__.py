@@ -6,6 +6,10 @@ goes through :mod:`blip_fast.ops`, whose backend is chosen with :func:`use_backe
 """
 __version__ = "0.1.0"
 
+from ._kernel_sources import register_source_kernels as _register_source_kernels  # noqa: E402
+
+_register_source_kernels()
+
 from .ops import (  # noqa: E402
     BackendUnavailableError,
     available_backends,
