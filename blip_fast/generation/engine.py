@@ -241,8 +241,11 @@ def _fast(decoder: nn.Module, encoder_hidden_states: Tensor, encoder_mask: Optio
                                  device, static)
 
         if static:
+            # a graph replays the op implementations chosen at capture: key on what decides them
+            backend = ops.get_backend()
+            selection = (backend, tuple(ops.AUTO_ORDER)) if backend == ops.AUTO else (backend,)
             key = (config, batch_size, num_images, image_tokens, mask is not None, tuple(prompt_rows.shape),
-                   kv_dtype, _autocast_dtype(device), ops.get_backend(), device, use_graph)
+                   kv_dtype, _autocast_dtype(device), selection, device, use_graph)
             session = _session(decoder, compute, key, build)
         else:
             session = build()
