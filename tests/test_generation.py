@@ -8,7 +8,7 @@ import blip_fast
 from blip_fast.generation import GenerationConfig, generate, reference_search
 from blip_fast.generation import logits as lp
 from blip_fast.generation.search import make_search
-from blip_fast.generation.weights import low_precision_copy
+from blip_fast.generation.weights import decoding_copy
 from blip_fast.models.med import BertLMHeadModel, load_med_config
 from conftest import TINY_MED, rel_err
 
@@ -152,7 +152,7 @@ def test_logits_processing_matches_transformers():
 
 
 # -- autocast: the low-precision copy ---------------------------------------------------------------
-def test_low_precision_copy_reproduces_autocast_and_follows_updates():
+def test_decoding_copy_reproduces_autocast_and_follows_updates():
     torch.manual_seed(0)
     model = BertLMHeadModel(load_med_config(TINY_MED)).eval()
     ids, image = torch.randint(1000, 2000, (2, 6)), torch.randn(2, 5, 32)
@@ -161,17 +161,25 @@ def test_low_precision_copy_reproduces_autocast_and_follows_updates():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             return module(ids, encoder_hidden_states=image).logits
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        copy = low_precision_copy(model, torch.bfloat16)
-    assert copy.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    copy = decoding_copy(model, torch.bfloat16)
+    attention = copy.bert.encoder.layer[0].attention.self
+    assert attention.query.weight.dtype == torch.bfloat16 and attention.fused_qkv[0].shape == (96, 32)
+    assert copy.bert.encoder.layer[0].crossattention.self.fused_qkv is None
     assert copy.bert.embeddings.word_embeddings.weight is model.bert.embeddings.word_embeddings.weight
-    assert torch.equal(autocast_logits(copy), autocast_logits(model))
+    assert model.bert.encoder.layer[0].attention.self.fused_qkv is None  # the original is untouched
+    # the stacked projection computes the same products: equal up to the GEMM's summation order
+    assert rel_err(autocast_logits(copy).float(), autocast_logits(model).float()) < 1e-2
+    attention.fused_qkv, fused = None, attention.fused_qkv
+    assert torch.equal(autocast_logits(copy), autocast_logits(model))  # weights cast once = autocast's casts
+    attention.fused_qkv = fused
     with torch.no_grad():
-        model.bert.encoder.layer[1].output.dense.weight.mul_(2)  # an in-place update (an optimizer step)
-    assert low_precision_copy(model, torch.bfloat16) is copy
-    assert torch.equal(autocast_logits(copy), autocast_logits(model))
+        model.bert.encoder.layer[0].attention.self.key.weight.mul_(2)  # an in-place update (an optimizer step)
+    assert decoding_copy(model, torch.bfloat16) is copy
+    assert torch.equal(fused[0][32:64], model.bert.encoder.layer[0].attention.self.key.weight.bfloat16())
+    fp32 = decoding_copy(model, torch.float32)  # same dtype: linear weights shared, not copied
+    assert fp32.bert.encoder.layer[1].output.dense.weight is model.bert.encoder.layer[1].output.dense.weight
     model.cls.predictions.transform.dense.weight = torch.nn.Parameter(torch.randn(32, 32))  # a new tensor
-    assert low_precision_copy(model, torch.bfloat16) is not copy
+    assert decoding_copy(model, torch.bfloat16) is not copy
 
 
 def test_fast_generation_under_autocast_matches_the_original_algorithm(decoder, images):
@@ -237,3 +245,27 @@ def test_cuda_graph_decoding_matches_eager(decoder, images, dtype):
             assert torch.equal(graph, eager) and torch.equal(again, eager)
     finally:
         decoder.cpu()
+
+
+@pytest.mark.gpu
+def test_base_size_cuda_graph_captions_match_the_original_algorithm():
+    """ViT-B/16 at 384 and the BERT-base decoder (random weights made decisive), float32: the fast
+    path with CUDA graphs gives the original algorithm's tokens, batch 1 and 4, beam and greedy."""
+    from blip_fast.models import blip_decoder
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = blip_decoder(image_size=384).eval()
+    with torch.no_grad():
+        for p in model.text_decoder.parameters():
+            p.mul_(3)
+        model.text_decoder.cls.predictions.bias[102] += 6
+    try:
+        for batch in (1, 4):
+            images = torch.randn(batch, 3, 384, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+            for num_beams in (3, 1):
+                fast = model.generate_ids(images, num_beams=num_beams)
+                again = model.generate_ids(images, num_beams=num_beams)  # graph replays
+                original = model.generate_ids(images, num_beams=num_beams, decoding="original")
+                assert torch.equal(fast, original) and torch.equal(again, original), (batch, num_beams)
+    finally:
+        model.release_generation_cache()

@@ -12,7 +12,8 @@ recomputation.
     synchronisation; on CUDA the whole step (decoder + search + beam reorder) is captured once in a
     CUDA graph with fixed shapes and replayed, which removes the per-step launch overhead that
     dominates small batches. Graphs and their buffers are cached per decoder and shape;
-  * under autocast the decoder's linear weights are cast once (:mod:`~blip_fast.generation.weights`).
+  * the decoder runs as its decoding copy (:mod:`~blip_fast.generation.weights`): linear weights
+    cast once to the autocast dtype, query/key/value projections stacked into one.
 
 ``decoding='original'``: what the original BLIP did through transformers' ``generate``: the image
 embeddings repeated per beam, self-attention ``past_key_values`` tuples concatenated each step,
@@ -63,12 +64,9 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def _compute_decoder(decoder: nn.Module, device: torch.device) -> nn.Module:
-    """The decoder to run: a low-precision copy under autocast (weights cast once), else itself."""
-    dtype = _autocast_dtype(device)
-    param_dtype = decoder.cls.predictions.decoder.weight.dtype
-    if dtype is None or dtype == param_dtype or not param_dtype.is_floating_point:
-        return decoder
-    return lowp.low_precision_copy(decoder, dtype)
+    """The decoding copy to run: linear weights in the autocast dtype (cast once), stacked QKV."""
+    dtype = _autocast_dtype(device) or decoder.cls.predictions.decoder.weight.dtype
+    return lowp.decoding_copy(decoder, dtype)
 
 
 def _last_logits(decoder: nn.Module, input_ids: Tensor, **kwargs: Any) -> Tensor:
@@ -85,32 +83,36 @@ def _encoder_keep(mask: Optional[Tensor]) -> Optional[Tensor]:
 class _FastDecoding:
     """Cached decoding state of one generation shape: cross K/V, self-attention cache, search.
 
-    With ``static=True`` every tensor has a fixed shape and the step is capturable.
+    With ``static=True`` every tensor has a fixed shape and both phases (:meth:`first`: cross K/V,
+    prompt, first search step; :meth:`step`: one token) can be captured as CUDA graphs.
     """
 
-    def __init__(self, decoder: nn.Module, config: GenerationConfig, batch_size: int, num_images: int,
-                 image_tokens: int, has_mask: bool, kv_dtype: torch.dtype, device: torch.device, static: bool):
+    def __init__(self, decoder: nn.Module, config: GenerationConfig, batch_size: int, states: Tensor,
+                 has_mask: bool, prompt_shape: Tuple[int, int], kv_dtype: torch.dtype, static: bool):
         cfg = decoder.config
+        device = states.device
         self.decoder = decoder
         self.config = config
-        self.groups = config.rows_per_input
-        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        rows = batch_size * self.groups
         self.static = static
+        self.prompt_length = prompt_shape[1]
+        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        num_images, image_tokens = states.shape[:2]
         with torch.inference_mode(False), torch.no_grad():
-            self.cache = DecoderKVCache(cfg.num_hidden_layers, rows, heads, head_dim, config.max_length, device,
-                                        kv_dtype, static=static)
+            self.cache = DecoderKVCache(cfg.num_hidden_layers, prompt_shape[0], heads, head_dim, config.max_length,
+                                        device, kv_dtype, static=static)
             self.search = make_search(config, batch_size, device)
             self.encoder_kv: List[Tuple[Tensor, Tensor]] = []
-            self.mask: Optional[Tensor] = None
-            if static:  # fixed buffers the graph reads; each generation copies its cross K/V in
+            self.states, self.mask, self.prompt = states, None, None
+            if static:  # fixed buffers the graphs read; each generation copies its inputs in
                 shape = (num_images, image_tokens, heads * head_dim)
                 self.encoder_kv = [(self._heads(torch.empty(shape, device=device, dtype=kv_dtype), heads),
                                     self._heads(torch.empty(shape, device=device, dtype=kv_dtype), heads))
                                    for _ in range(cfg.num_hidden_layers)]
+                self.states = torch.empty_like(states)
+                self.prompt = torch.empty(prompt_shape, dtype=torch.long, device=device)
                 if has_mask:
                     self.mask = torch.ones(num_images, image_tokens, dtype=torch.bool, device=device)
-        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.graphs: dict = {}
         self.graph_error: Optional[str] = None
 
     @staticmethod
@@ -118,21 +120,16 @@ class _FastDecoding:
         b, n, width = x.shape
         return x.view(b, n, heads, width // heads).permute(0, 2, 1, 3)
 
-    def load(self, encoder_hidden_states: Tensor, encoder_mask: Optional[Tensor], prompt_rows: Tensor,
+    def load(self, states: Tensor, mask: Optional[Tensor], prompt_rows: Tensor,
              generator: Optional[torch.Generator]) -> None:
-        """Cross K/V of the new images (computed once; static: layer by layer into the buffers),
-        fresh cache and search."""
-        layers = self.decoder.bert.encoder.layer
+        """The new inputs (copied into the fixed buffers when static), a fresh cache and search."""
         if self.static:
-            for layer, (k_buf, v_buf) in zip(layers, self.encoder_kv):
-                k, v = layer.crossattention.self.project_kv(encoder_hidden_states)
-                k_buf.copy_(k)
-                v_buf.copy_(v)
+            self.states.copy_(states)
+            self.prompt.copy_(prompt_rows)
             if self.mask is not None:
-                self.mask.copy_(encoder_mask)
+                self.mask.copy_(mask)
         else:
-            self.encoder_kv = [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in layers]
-            self.mask = encoder_mask
+            self.states, self.mask, self.prompt = states, mask, prompt_rows
         self.cache.reset()
         self.search.reset(prompt_rows, generator)
 
@@ -140,12 +137,22 @@ class _FastDecoding:
         if self.config.is_beam_search:
             self.cache.reorder(self.search.beam_idx)
 
-    def prefill(self, prompt_rows: Tensor) -> None:
-        logits = _last_logits(self.decoder, prompt_rows, past_key_values=self.cache, encoder_kv=self.encoder_kv,
+    def first(self) -> None:
+        """Cross-attention K/V of the images (once for the whole generation; the beams of an image
+        share them), the prompt through the decoder, the first search step."""
+        self.cache.length = 0  # host state: the same at a warm-up, a capture and eager runs
+        layers = self.decoder.bert.encoder.layer
+        if self.static:
+            for layer, (k_buf, v_buf) in zip(layers, self.encoder_kv):
+                k, v = layer.crossattention.self.project_kv(self.states)
+                k_buf.copy_(k)
+                v_buf.copy_(v)
+        else:
+            self.encoder_kv = [layer.crossattention.self.project_kv(self.states) for layer in layers]
+        logits = _last_logits(self.decoder, self.prompt, past_key_values=self.cache, encoder_kv=self.encoder_kv,
                               encoder_attention_mask=self.mask)
         self.search.update(logits)
         self._after_update()
-        self.search.host_len += 1
 
     def step(self) -> None:
         """One decode step: the last tokens through the decoder, the search, the beam reorder."""
@@ -156,21 +163,29 @@ class _FastDecoding:
 
     def run(self, use_graph: bool) -> Tensor:
         search = self.search
+        self._run("first", self.first, use_graph)
+        self.cache.length = self.prompt_length  # a replay runs no Python
+        search.host_len += 1
         while not search.done_on_host:
-            if use_graph and self.graph is None and self.graph_error is None:
-                self._capture()  # runs one real step on a side stream, then records it
-            elif use_graph and self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
+            self._run("step", self.step, use_graph)
             search.host_len += 1
         return search.result()
 
-    def _capture(self) -> None:
+    def _run(self, name: str, fn, use_graph: bool) -> None:
+        graph = self.graphs.get(name)
+        if graph is not None:
+            graph.replay()
+        elif not use_graph or self.graph_error is not None:
+            fn()
+        else:
+            self._capture(name, fn)
+
+    def _capture(self, name: str, fn) -> None:
+        """Run ``fn`` for real on a side stream (the warm-up capture needs), then record it."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.step()  # warm-up on a side stream: a real step of this generation
+            fn()
         torch.cuda.current_stream().wait_stream(stream)
         dtype = _autocast_dtype(torch.device("cuda"))
         graph = torch.cuda.CUDAGraph()
@@ -178,13 +193,13 @@ class _FastDecoding:
             with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None,
                                 cache_enabled=False):
                 with torch.cuda.graph(graph):
-                    self.step()
+                    fn()
         except Exception as exc:  # not capturable here (an op that synchronises): decode eagerly
             self.graph_error = f"{type(exc).__name__}: {exc}"
             logger.warning("blip_fast generation: CUDA graph capture failed, decoding without graphs (%s)",
                            self.graph_error)
             return
-        self.graph = graph
+        self.graphs[name] = graph
 
 
 class _DecoderState:
@@ -199,7 +214,7 @@ _STATES: "weakref.WeakKeyDictionary[nn.Module, _DecoderState]" = weakref.WeakKey
 
 
 def release_generation_state(decoder: nn.Module) -> None:
-    """Free the cached CUDA graphs, buffers and low-precision weights of ``decoder``."""
+    """Free the cached CUDA graphs, buffers and decoding copies of ``decoder``."""
     _STATES.pop(decoder, None)
     lowp.release(decoder)
 
@@ -233,24 +248,23 @@ def _fast(decoder: nn.Module, encoder_hidden_states: Tensor, encoder_mask: Optio
     compute = _compute_decoder(decoder, device)
     with compute.backend_context():
         kv_dtype = _autocast_dtype(device) or compute.bert.encoder.layer[0].crossattention.self.key.weight.dtype
-        num_images, image_tokens = encoder_hidden_states.shape[:2]
         mask = _encoder_keep(encoder_mask)
 
         def build() -> _FastDecoding:
-            return _FastDecoding(compute, config, batch_size, num_images, image_tokens, mask is not None, kv_dtype,
-                                 device, static)
+            return _FastDecoding(compute, config, batch_size, encoder_hidden_states, mask is not None,
+                                 tuple(prompt_rows.shape), kv_dtype, static)
 
         if static:
             # a graph replays the op implementations chosen at capture: key on what decides them
             backend = ops.get_backend()
             selection = (backend, tuple(ops.AUTO_ORDER)) if backend == ops.AUTO else (backend,)
-            key = (config, batch_size, num_images, image_tokens, mask is not None, tuple(prompt_rows.shape),
-                   kv_dtype, _autocast_dtype(device), selection, device, use_graph)
+            key = (config, batch_size, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
+                   mask is not None, tuple(prompt_rows.shape), kv_dtype, _autocast_dtype(device), selection, device,
+                   use_graph)
             session = _session(decoder, compute, key, build)
         else:
             session = build()
         session.load(encoder_hidden_states, mask, prompt_rows, generator)
-        session.prefill(prompt_rows)
         return session.run(use_graph)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 from transformers.activations import ACT2FN
@@ -145,6 +146,10 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
         self.save_attention = False
         self.attn_gradients: Optional[Tensor] = None
         self.attention_map: Optional[Tensor] = None
+        self.is_cross_attention = is_cross_attention
+        #: optional ``(weight (3*H*D, width), bias)`` of query, key and value stacked: one projection
+        #: instead of three (set on the decoding copy of a decoder, never part of the state dict)
+        self.fused_qkv: Optional[Tuple[Tensor, Tensor]] = None
 
     def transpose_for_scores(self, x: Tensor) -> Tensor:
         """(B, L, H*D) -> (B, H, L, D) as a strided view."""
@@ -181,16 +186,21 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
         """
         if head_mask is not None:
             raise NotImplementedError("head_mask is not supported by blip_fast (BLIP never uses it)")
-        query_layer = self.transpose_for_scores(self.query(hidden_states))
         is_cross_attention = encoder_hidden_states is not None or encoder_kv is not None
         if is_cross_attention:
+            query_layer = self.transpose_for_scores(self.query(hidden_states))
             if encoder_kv is not None:
                 key_layer, value_layer = encoder_kv
             else:
                 key_layer, value_layer = self.project_kv(encoder_hidden_states)
             key_padding_mask, causal = encoder_attention_mask, False
         else:
-            key_layer, value_layer = self.project_kv(hidden_states)
+            if self.fused_qkv is not None:
+                qkv = F.linear(hidden_states, *self.fused_qkv).split(self.all_head_size, dim=-1)
+                query_layer, key_layer, value_layer = (self.transpose_for_scores(x) for x in qkv)
+            else:
+                query_layer = self.transpose_for_scores(self.query(hidden_states))
+                key_layer, value_layer = self.project_kv(hidden_states)
             key_padding_mask = attention_mask
             if isinstance(past_key_value, LayerKVCache):
                 key_layer, value_layer, key_padding_mask, causal = past_key_value.append(
@@ -225,9 +235,12 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
             context = ops.attention(query_layer, key_layer, value_layer, key_padding_mask=key_padding_mask,
                                     causal=causal, dropout_p=dropout_p, scale=scale)
             probs = None
-        if groups > 1:
-            context = _unfold_groups(context, groups)
-        context = context.permute(0, 2, 1, 3).reshape(context.shape[0], context.shape[2], self.all_head_size)
+        if groups > 1:  # (B, H, g*L, D) -> (g*B, L, H*D) in one copy
+            b, h, gl, d = context.shape
+            context = context.view(b, h, groups, gl // groups, d).permute(0, 2, 3, 1, 4).reshape(
+                b * groups, gl // groups, h * d)
+        else:
+            context = context.permute(0, 2, 1, 3).reshape(context.shape[0], context.shape[2], self.all_head_size)
         outputs = (context, probs) if output_attentions else (context,)
         return outputs + (past_key_value,)
 
