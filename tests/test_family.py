@@ -191,7 +191,8 @@ def _all_rank_worker(rank: int, path: str, results) -> None:
             all_ids = torch.cat([ids[mine], ids[mine], ids[negatives[1]]])
             all_att = torch.cat([att[mine], att[mine], att[negatives[1]]])
             all_emb = torch.cat([emb[mine], emb[negatives[0]], emb[mine]])
-            cls = model.text_encoder(all_ids, attention_mask=all_att, encoder_hidden_states=all_emb).last_hidden_state[:, 0]
+            cls = model.text_encoder(all_ids, attention_mask=all_att,
+                                     encoder_hidden_states=all_emb).last_hidden_state[:, 0]
             ref = F.cross_entropy(model.itm_head(cls), torch.tensor([1, 1, 0, 0, 0, 0]))
         results[rank] = (itm.item(), ref.item(), grad)
     finally:
@@ -262,9 +263,9 @@ def test_vqa_rank_matches_original_formula(vqa):
                                labels=ids.masked_fill(ids == 0, -100), reduction="none")
         scores = -out.loss.view(3, k)
         ref = topk[torch.arange(3), scores.argmax(1)]
-        fast_scores = -vqa.text_decoder(ids, attention_mask=atts, encoder_kv=vqa.text_decoder.bert.precompute_cross_kv(states),
-                                        encoder_attention_mask=q_atts, labels=ids.masked_fill(ids == 0, -100),
-                                        reduction="none").loss.view(3, k)
+        shared_kv = vqa.text_decoder.bert.precompute_cross_kv(states)
+        fast_scores = -vqa.text_decoder(ids, attention_mask=atts, encoder_kv=shared_kv, encoder_attention_mask=q_atts,
+                                        labels=ids.masked_fill(ids == 0, -100), reduction="none").loss.view(3, k)
     assert torch.equal(picked, ref)
     assert rel_err(fast_scores, scores) < TOL
 

@@ -4,7 +4,6 @@ plain recomputation with transformers-4.15 search semantics, in float32."""
 import pytest
 import torch
 
-import blip_fast
 from blip_fast.generation import GenerationConfig, generate, reference_search
 from blip_fast.generation import logits as lp
 from blip_fast.generation.search import make_search
@@ -63,8 +62,9 @@ def test_fast_and_original_decoding_match_recompute(decoder, images, name):
         assert out.shape == ref.shape and torch.equal(out, ref), kwargs
 
 
-@pytest.mark.parametrize("config", [GenerationConfig(num_beams=1, do_sample=True, repetition_penalty=1.1, max_length=16),
-                                    GenerationConfig(num_beams=1, do_sample=True, top_k=0, top_p=0.5, max_length=16)])
+@pytest.mark.parametrize("config", [
+    GenerationConfig(num_beams=1, do_sample=True, repetition_penalty=1.1, max_length=16),
+    GenerationConfig(num_beams=1, do_sample=True, top_k=0, top_p=0.5, max_length=16)])
 def test_sampling_draws_the_same_tokens_from_the_same_seed(decoder, images, config):
     images = images[:3]  # each step sorts the whole vocabulary (top-p): keep it short on the CPU
     outs = []
@@ -261,7 +261,8 @@ def test_base_size_cuda_graph_captions_match_the_original_algorithm():
         model.text_decoder.cls.predictions.bias[102] += 6
     try:
         for batch in (1, 4):
-            images = torch.randn(batch, 3, 384, 384, device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+            gen = torch.Generator("cuda").manual_seed(batch)
+            images = torch.randn(batch, 3, 384, 384, device="cuda", generator=gen)
             for num_beams in (3, 1):
                 fast = model.generate_ids(images, num_beams=num_beams)
                 again = model.generate_ids(images, num_beams=num_beams)  # graph replays

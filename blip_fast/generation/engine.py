@@ -324,7 +324,8 @@ def generate(decoder: nn.Module, encoder_hidden_states: Tensor, prompt_ids: Tens
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     if encoder_hidden_states.dim() != 3:
-        raise ValueError(f"encoder_hidden_states must be (batch, tokens, width), got {tuple(encoder_hidden_states.shape)}")
+        raise ValueError("encoder_hidden_states must be (batch, tokens, width), got "
+                         f"{tuple(encoder_hidden_states.shape)}")
     batch_size = encoder_hidden_states.shape[0]
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids.unsqueeze(0).expand(batch_size, -1)
@@ -332,8 +333,8 @@ def generate(decoder: nn.Module, encoder_hidden_states: Tensor, prompt_ids: Tens
         raise ValueError(f"prompt_ids must be (batch={batch_size}, length) or (length,), got {tuple(prompt_ids.shape)}")
     config.validate(prompt_ids.shape[1])
     if config.max_length > decoder.config.max_position_embeddings:
-        raise ValueError(f"max_length={config.max_length} exceeds the decoder's {decoder.config.max_position_embeddings} "
-                         "position embeddings")
+        raise ValueError(f"max_length={config.max_length} exceeds the decoder's "
+                         f"{decoder.config.max_position_embeddings} position embeddings")
     if decoder.training:
         logger.warning("blip_fast generation: the decoder is in training mode (dropout on); call model.eval()")
     prompt_ids = prompt_ids.to(encoder_hidden_states.device, torch.long)

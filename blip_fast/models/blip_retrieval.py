@@ -190,7 +190,8 @@ class BLIP_Retrieval(MomentumEncoders, BlipBase):
         vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]],
                                   dim=0)
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)])
+        itm_labels = itm_labels.to(image.device)
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
         return loss_ita.float(), loss_itm
 
