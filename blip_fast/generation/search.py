@@ -6,6 +6,9 @@ be captured in one CUDA graph. The results are those of transformers' ``generate
 original BLIP called) token for token; :mod:`blip_fast.generation.reference` is the per-row loop
 this is tested against.
 
+Scores are processed in float32 whatever the logits' dtype (transformers processes them in the
+logits' dtype: the same in float32, a finer rounding under autocast).
+
 Layout: ``rows = batch * rows_per_input``; the rows of one input are consecutive (as
 ``repeat_interleave`` lays out beams). ``ids`` ``(rows, max_length)`` holds the prompt and the
 generated tokens; ``cur_len`` counts its valid columns.
