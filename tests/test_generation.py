@@ -209,6 +209,11 @@ def test_static_cache_steps_and_folded_cross_attention_match_a_full_forward(deco
             steps.append(decoder(ids[:, t:t + 1], past_key_values=cache, encoder_kv=kv).logits)
     assert int(cache.position) == 9
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+    with torch.no_grad():  # attention maps of the folded cross-attention come back per row
+        ref = decoder(ids, encoder_hidden_states=image.repeat_interleave(3, 0), output_attentions=True)
+        out = decoder(ids, encoder_kv=kv, output_attentions=True)
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(out.cross_attentions, ref.cross_attentions))
+    assert out.cross_attentions[0].shape == (6, 2, 9, 5)
 
 
 def test_clear_errors():
@@ -270,3 +275,63 @@ def test_base_size_cuda_graph_captions_match_the_original_algorithm():
                 assert torch.equal(fast, original) and torch.equal(again, original), (batch, num_beams)
     finally:
         model.release_generation_cache()
+
+
+class _EmulatedCapture(torch.utils._python_dispatch.TorchDispatchMode):
+    """What a CUDA graph capture does on the CPU: Python runs, in-place writes do not happen."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.endswith("_") and not name.startswith("_"):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+class _EmulatedGraph:
+    instances = []
+
+    def __init__(self):
+        self.fn, self.replays = None, 0
+        _EmulatedGraph.instances.append(self)
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def test_graph_driver_warm_up_capture_and_replays_on_cpu(decoder, images, monkeypatch):
+    """The capture/replay sequence of the fast path, emulated: the warm-up is a real step, the
+    capture changes nothing, every later step is a replay, and the tokens are the eager ones."""
+    import contextlib
+    from blip_fast.generation import engine
+
+    recorded = {}
+
+    @contextlib.contextmanager
+    def graph(g):
+        with _EmulatedCapture():
+            yield
+        g.fn = recorded["fn"]
+
+    def capture(self, name, fn):  # engine._FastDecoding._capture with the emulated CUDA pieces
+        fn()  # the warm-up
+        recorded["fn"] = fn
+        g = _EmulatedGraph()
+        with graph(g):
+            fn()
+        self.graphs[name] = g
+
+    monkeypatch.setattr(engine._FastDecoding, "_capture", capture)
+    for config in (CONFIGS["beam3"], CONFIGS["greedy"]):
+        ref = generate(decoder, images, PROMPT, config, decoding="recompute")
+        compute = engine._compute_decoder(decoder, images.device)
+        session = engine._FastDecoding(compute, config, 6, images, False, (6 * config.rows_per_input, 4),
+                                       torch.float32, static=True)
+        _EmulatedGraph.instances.clear()
+        for _ in range(2):  # the second generation replays both graphs from the start
+            with torch.no_grad():
+                session.load(images, None, PROMPT.repeat(6 * config.rows_per_input, 1), None)
+                assert torch.equal(session.run(use_graph=True), ref)
+        first, step = _EmulatedGraph.instances
+        steps = ref.shape[1] - 4 - 1
+        assert first.replays == 1 and step.replays == 2 * steps - 1
