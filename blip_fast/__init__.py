@@ -24,6 +24,7 @@ from .models import (  # noqa: E402
     BLIP_NLVR,
     BLIP_Pretrain,
     BertLMHeadModel,
+    VisionTextDualEncoder,
     BertModel,
     VisionTransformer,
     blip_itm,
@@ -32,10 +33,14 @@ from .models import (  # noqa: E402
     create_vit,
 )
 from .tokenizer import TokenizedText, init_tokenizer, tokenize  # noqa: E402
+from .models.pretrained import PretrainedMixin  # noqa: E402
+
+from_pretrained = PretrainedMixin.from_pretrained  # any model saved with save_pretrained
 
 __all__ = [
     "__version__", "use_backend", "set_backend", "get_backend", "available_backends", "BackendUnavailableError",
     "BLIP_Pretrain", "blip_pretrain", "BLIP_ITM", "blip_itm", "BLIP_NLVR", "blip_nlvr", "VisionTransformer",
     "create_vit", "BertModel", "BertLMHeadModel", "load_checkpoint", "LoadReport", "CheckpointError",
     "init_tokenizer", "tokenize", "TokenizedText",
+    "VisionTextDualEncoder", "from_pretrained",
 ]
