@@ -226,12 +226,13 @@ def from_transformers(source: Union[str, os.PathLike, nn.Module], model_class: O
     if isinstance(source, PreTrainedModel):
         config, architecture, state = source.config, type(source).__name__, source.state_dict()
     else:
-        folder = resolve_folder(source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        folder = resolve_folder(source, **hub)
         config = BlipConfig.from_pretrained(folder)
         architectures = getattr(config, "architectures", None) or []
         if not architectures:
             raise CheckpointError(f"{folder}/config.json names no architecture; pass model_class=...")
-        architecture, state = architectures[0], read_state_dict(folder)
+        architecture, state = architectures[0], read_state_dict(source, **hub)
     cls = model_class or _blip_fast_class(architecture)
     model = cls(**dict(_default_kwargs(architecture, config), **kwargs))
     report = load_transformers_blip(model, state, strict=strict)
