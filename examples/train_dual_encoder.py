@@ -71,7 +71,8 @@ class PairedPatterns:
         ids[positions.expand(num_classes, -1) == (lengths - 1)[:, None]] = 102
         mask = (positions[None] < lengths[:, None]).long()
         self.input_ids, self.attention_mask = (ids * mask).to(device), mask.to(device)
-        self.generator = g
+        self.generator = g  # class draws, on the host
+        self.noise_generator = torch.Generator(device=device).manual_seed(seed)  # noise, where the images are
 
     def sample(self, batch: int, classes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         if batch > self.num_classes:
@@ -81,7 +82,7 @@ class PairedPatterns:
         classes = classes.to(self.device)
         size = (self.image_size, self.image_size)
         images = F.interpolate(self.patterns[classes], size=size, mode="bilinear", align_corners=False)
-        noise = torch.randn(images.shape, generator=self.generator).to(self.device)
+        noise = torch.randn(images.shape, generator=self.noise_generator, device=self.device)
         return images + self.noise * noise, self.input_ids[classes], self.attention_mask[classes]
 
 

@@ -181,7 +181,9 @@ def test_dual_encoder_trains_on_a_synthetic_task():
 
 
 @pytest.mark.gpu
-def test_fast_path_on_cuda_matches_reference_and_trains_in_bf16():
+def test_fast_path_on_cuda_matches_reference_and_trains_in_bf16(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 means float32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = tiny_dual(seed=7).cuda().eval()
     images, tokens = torch.randn(4, 3, IMG, IMG, device="cuda"), random_tokens(4, 16).to("cuda")
     with torch.no_grad():

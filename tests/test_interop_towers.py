@@ -231,8 +231,10 @@ def test_pretrained_towers_fill_encoder_decoder_and_momentum_copies():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_real_timm_vit_and_deit(device):
+def test_real_timm_vit_and_deit(device, monkeypatch):
     timm = pytest.importorskip("timm")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 means float32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer as TimmViT
     torch.manual_seed(7)

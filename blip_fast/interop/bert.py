@@ -26,7 +26,8 @@ Newly initialised, as the original's ``from_pretrained`` did (BERT init: normal(
 ``initializer_range``) weights, zero biases, unit LayerNorm): every ``crossattention`` weight, the
 decoder's LM head when the source has none, and the vocabulary rows the source lacks (the
 ``[DEC]`` / ``[ENC]`` rows 30522 and 30523: normal(0, ``initializer_range``) embeddings, zero LM
-bias, as ``resize_token_embeddings`` does). The report names each of them.
+bias, as ``resize_token_embeddings`` did in transformers 4.15, which the original ran; newer
+transformers start new rows at the mean of the old ones). The report names each of them.
 """
 from __future__ import annotations
 
@@ -166,10 +167,10 @@ def load_bert_weights(module: nn.Module, source: WeightsSource, *, fold_token_ty
     report = LoadReport()
     state = bert_state_dict_for(module, read_state_dict(source, **hub_kwargs), report, fold_token_type_embeddings)
     ties = tied_weight_groups(module.state_dict())
-    for alias, key in ties.items():  # e.g. only one of cls.predictions.bias / decoder.bias stored
-        if key in state and alias not in state:
+    for alias, key in ties.items():  # one tensor in the module: one value (the source may hold one name)
+        if key in state:
             state[alias] = state[key]
-        elif alias in state and key not in state:
+        elif alias in state:
             state[key] = state[alias]
     buffers = {name for name, _ in module.named_buffers()}
     apply_state_dict(module, state, report, drop_mismatched=not strict)
