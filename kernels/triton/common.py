@@ -28,3 +28,24 @@ def draw_seed(device: torch.device) -> int:
 def dropout_keep(seed, offsets, p):
     """Boolean keep mask for dropout with probability ``p`` at element ``offsets``."""
     return tl.rand(seed, offsets) >= p
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant on the CPU interpreter).
+
+    Used to size persistent grids, e.g. the per-program partial sums of a parameter gradient.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def row_warps(block: int) -> int:
+    """``num_warps`` for a kernel that reduces one row of ``block`` (a power of 2) elements."""
+    if block >= 16384:
+        return 16
+    if block >= 4096:
+        return 8
+    if block >= 1024:
+        return 4
+    return 2
