@@ -42,7 +42,8 @@ def _gelu_fwd_kernel(X, BIAS, Y, M, N, stride_x, stride_y,
 
 
 @triton.jit
-def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, stride_x, stride_dy, stride_dx,
+def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, tiles_per_program,
+                     stride_x, stride_dy, stride_dx,
                      HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(1)
@@ -53,7 +54,7 @@ def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, stride_x, stride_dy, stride
         bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    for _ in range(pid_m * BLOCK_M, M, step):
+    for _ in range(0, tiles_per_program):  # row tiles pid_m, pid_m + programs, ...
         mask = (rows[:, None] < M) & col_mask[None, :]
         z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -118,7 +119,8 @@ class BiasGeluFn(torch.autograd.Function):
         if m > 0 and n > 0:
             _gelu_bwd_kernel[(col_blocks, row_programs)](
                 x2, b if b is not None else x2, dy2, dx, db_part if need_db else dx,
-                m, n, x2.stride(0), dy2.stride(0), dx.stride(0),
+                m, n, triton.cdiv(triton.cdiv(m, _BLOCK_M), row_programs),
+                x2.stride(0), dy2.stride(0), dx.stride(0),
                 HAS_BIAS=b is not None, COMPUTE_DB=need_db, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
                 num_warps=4,
             )

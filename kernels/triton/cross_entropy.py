@@ -90,8 +90,10 @@ def _ce_loss_grad_kernel(
             tl.store(ptr + c, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def chunk_rows_for(n_rows: int, vocab: int, element_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+def chunk_rows_for(n_rows: int, vocab: int, element_size: int,
+                   chunk_bytes: Optional[int] = None) -> int:
     """Rows per chunk: the fewest equal chunks whose logits fit in ``chunk_bytes``."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     max_rows = max(1, chunk_bytes // max(1, vocab * element_size))
     n_chunks = max(1, triton.cdiv(n_rows, max_rows))
     return max(1, triton.cdiv(n_rows, n_chunks))

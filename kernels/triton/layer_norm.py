@@ -61,20 +61,25 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     X, R, W, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD,
     stride_x, stride_r, stride_dy, stride_dx, stride_dr,
-    M, N, p, keep_scale, seed,
+    M, N, rows_per_program, p, keep_scale, seed,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DR: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_mask = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row = pid.to(tl.int64)
-    for _ in range(pid, M, tl.num_programs(0)):
+    # Program pid takes rows pid, pid + programs, ...; a trip count fixed on the host keeps the
+    # loop bounds plain integers.
+    for _ in range(0, rows_per_program):
+        in_range = row < M
+        mask = cols < tl.where(in_range, N, 0)
         s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, row * N + cols, p)
@@ -82,8 +87,8 @@ def _ln_bwd_kernel(
         if HAS_R:
             s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
+        mean = tl.load(MEAN + row, mask=in_range, other=0.0)
+        rstd = tl.load(RSTD + row, mask=in_range, other=0.0)
         xhat = tl.where(mask, (s - mean) * rstd, 0.0)
         wdy = dy
         if HAS_W:
@@ -100,11 +105,11 @@ def _ln_bwd_kernel(
             dw_acc += dy * xhat
         if COMPUTE_DB:
             db_acc += dy
-        row += tl.num_programs(0)
+        row += programs
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * N + cols, dw_acc, mask=mask)
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB_PART + pid * N + cols, db_acc, mask=mask)
+        tl.store(DB_PART + pid * N + cols, db_acc, mask=col_mask)
 
 
 @triton.jit
@@ -188,7 +193,7 @@ class LayerNormFn(torch.autograd.Function):
                 db_part if db_part is not None else dx, mean, rstd,
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, dy2.stride(0), dx.stride(0),
                 dr.stride(0) if dr is not None else 0,
-                m, n, p, _keep_scale(p), seed,
+                m, n, triton.cdiv(m, programs), p, _keep_scale(p), seed,
                 HAS_R=r2 is not None, HAS_W=w is not None, HAS_DROPOUT=p > 0.0,
                 STORE_DR=store_dr, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_N=block, num_warps=row_warps(block),
