@@ -22,7 +22,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_M = 16
 _MAX_BLOCK_N = 256
 # Programs per SM, over all column blocks, of the backward's persistent grid.
-_BWD_PROGRAMS_PER_SM = 8
+BWD_PROGRAMS_PER_SM = 8
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -113,7 +113,7 @@ class BiasGeluFn(torch.autograd.Function):
         block_n = _block_n(n)
         col_blocks = triton.cdiv(n, block_n) if n > 0 else 1
         row_programs = max(1, min(triton.cdiv(m, _BLOCK_M),
-                                  _BWD_PROGRAMS_PER_SM * sm_count(x2.device) // col_blocks))
+                                  BWD_PROGRAMS_PER_SM * sm_count(x2.device) // col_blocks))
         db_part = (torch.empty((row_programs, n), dtype=torch.float32, device=x2.device)
                    if need_db else None)
         if m > 0 and n > 0:

@@ -22,9 +22,15 @@ Tensor = torch.Tensor
 #: Largest normalised dimension: a row must fit in registers.
 MAX_N = 16384
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Programs per SM of the backward's persistent grid: enough to hide latency, few enough that the
+# Backward persistent grid: programs per SM, and rows per loop iteration when a row is short
+# (more loads in flight per program). Enough to hide latency, few enough programs that the
 # (programs, N) float32 partial sums stay small next to the activations.
-_BWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM = 4
+BWD_ROW_ELEMENTS = 4096
+
+
+def _bwd_rows(block_n: int) -> int:
+    return max(1, min(8, BWD_ROW_ELEMENTS // block_n))
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -61,55 +67,55 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     X, R, W, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD,
     stride_x, stride_r, stride_dy, stride_dx, stride_dr,
-    M, N, rows_per_program, p, keep_scale, seed,
+    M, N, blocks_per_program, p, keep_scale, seed,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DR: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Program ``pid`` takes the blocks of ``ROWS`` rows ``pid, pid + programs, ...``."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row = pid.to(tl.int64)
-    # Program pid takes rows pid, pid + programs, ...; a trip count fixed on the host keeps the
-    # loop bounds plain integers.
-    for _ in range(0, rows_per_program):
-        in_range = row < M
-        mask = cols < tl.where(in_range, N, 0)
-        s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    # A trip count fixed on the host keeps the loop bounds plain integers.
+    for _ in range(0, blocks_per_program):
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, row * N + cols, p)
+            keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], p)
             s = tl.where(keep, s * keep_scale, 0.0)
         if HAS_R:
-            s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=in_range, other=0.0)
-        rstd = tl.load(RSTD + row, mask=in_range, other=0.0)
-        xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+            s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         wdy = dy
         if HAS_W:
-            wdy = dy * w
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        ds = (wdy - (xhat * c1 + c2)) * rstd
+            wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if STORE_DR:
-            tl.store(DR + row * stride_dr + cols, ds.to(DR.dtype.element_ty), mask=mask)
+            tl.store(DR + rows[:, None] * stride_dr + cols[None, :], ds.to(DR.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             ds = tl.where(keep, ds * keep_scale, 0.0)
-        tl.store(DX + row * stride_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], ds.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
             db_acc += dy
-        row += programs
+        rows += programs * ROWS
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * N + cols, dw_acc, mask=col_mask)
+        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if COMPUTE_DB:
-        tl.store(DB_PART + pid * N + cols, db_acc, mask=col_mask)
+        tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -182,21 +188,22 @@ class LayerNormFn(torch.autograd.Function):
         dr = torch.empty((m, n), dtype=res_dtype, device=x2.device) if store_dr else None
         compute_dw = need_dw and w is not None
         compute_db = need_db and b_dtype is not None
-        programs = max(1, min(m, _BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
+        block = next_power_of_2(n)
+        rows_per_iter = _bwd_rows(block)
+        programs = max(1, min(triton.cdiv(m, rows_per_iter), BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
         dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_dw else None
         db_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_db else None
         if m > 0:
-            block = next_power_of_2(n)
             _ln_bwd_kernel[(programs,)](
                 x2, r2 if r2 is not None else x2, w if w is not None else x2, dy2, dx,
                 dr if dr is not None else dx, dw_part if dw_part is not None else dx,
                 db_part if db_part is not None else dx, mean, rstd,
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, dy2.stride(0), dx.stride(0),
                 dr.stride(0) if dr is not None else 0,
-                m, n, triton.cdiv(m, programs), p, _keep_scale(p), seed,
+                m, n, triton.cdiv(triton.cdiv(m, rows_per_iter), programs), p, _keep_scale(p), seed,
                 HAS_R=r2 is not None, HAS_W=w is not None, HAS_DROPOUT=p > 0.0,
                 STORE_DR=store_dr, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_N=block, num_warps=row_warps(block),
+                ROWS=rows_per_iter, BLOCK_N=block, num_warps=row_warps(block * rows_per_iter),
             )
         dw = dw_part.sum(0).to(w.dtype) if compute_dw else None
         db = db_part.sum(0).to(b_dtype) if compute_db else None
