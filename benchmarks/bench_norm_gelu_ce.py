@@ -152,14 +152,23 @@ def bench_layer_norm(bench: Bench, table: List[Dict], copies: Dict[int, float]) 
             record(table, bench, "layer_norm_bwd", case, impl, ms, nbytes[impl][1], copies)
 
 
-def sweep_layer_norm_bwd(bench: Bench, out: Dict) -> None:
-    """Backward launch parameters at the ViT bf16 shape."""
+def sweep_layer_norm(bench: Bench, out: Dict) -> None:
+    """Launch parameters at the ViT bf16 shape."""
     if bench.smoke:
         return
     dev, m, n = bench.device, 64 * 197, 768
     x = [randn((m, n), torch.bfloat16, dev, True) for _ in range(4)]
     w, b = randn((n,), torch.bfloat16, dev, True), randn((n,), torch.bfloat16, dev, True)
     g = randn((m, n), torch.bfloat16, dev)
+    saved = ln_mod.FWD_ROW_ELEMENTS
+    rows = []
+    for row_elems in (1024, 2048, 4096, 8192):
+        ln_mod.FWD_ROW_ELEMENTS = row_elems
+        ms = bench.time_ms([lambda t=t: ln_mod.layer_norm(t, w, b, 1e-6) for t in x])
+        rows.append({"row_elements": row_elems, "ms": round(ms, 4),
+                     "gbps": round(2 * m * n * 2 / ms / 1e6, 1)})
+    ln_mod.FWD_ROW_ELEMENTS = saved
+    out["layer_norm_fwd_vit_bf16"] = rows
     saved = ln_mod.BWD_PROGRAMS_PER_SM, ln_mod.BWD_ROW_ELEMENTS
     rows = []
     for per_sm, row_elems in itertools.product((2, 4, 8, 16), (1024, 4096)):
@@ -313,7 +322,7 @@ def main(argv=None) -> Dict:
     bench_bias_gelu(bench, table, copies)
     bench_cross_entropy(bench, table, sweeps)
     if not args.no_sweeps:
-        sweep_layer_norm_bwd(bench, sweeps)
+        sweep_layer_norm(bench, sweeps)
         sweep_bias_gelu_bwd(bench, sweeps)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",

@@ -7,6 +7,8 @@ same seed is passed.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,8 +38,14 @@ def sm_count(device: torch.device) -> int:
     Used to size persistent grids, e.g. the per-program partial sums of a parameter gradient.
     """
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def row_warps(block: int) -> int:

@@ -1,7 +1,8 @@
 """Fused ``LayerNorm(dropout(x) + residual)`` over the last dimension, forward and backward.
 
-One program normalises one row of ``N`` elements held in registers (``N`` up to
-:data:`MAX_N`), in float32 whatever the storage dtype. The forward saves the per-row mean and
+A program normalises whole rows of ``N`` elements held in registers (``N`` up to
+:data:`MAX_N`; one row per program at BLIP's sizes, a few when rows are short), in float32
+whatever the storage dtype. The forward saves the per-row mean and
 reciprocal standard deviation; the backward recomputes ``dropout(x) + residual`` from the inputs
 (the dropout mask is regenerated from its seed, never stored) and runs a persistent grid whose
 programs each accumulate partial ``dweight``/``dbias`` sums over a strided set of rows; the
@@ -22,45 +23,50 @@ Tensor = torch.Tensor
 #: Largest normalised dimension: a row must fit in registers.
 MAX_N = 16384
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Backward persistent grid: programs per SM, and rows per loop iteration when a row is short
-# (more loads in flight per program). Enough to hide latency, few enough programs that the
+# Rows a program (forward) or a loop iteration (backward) handles when rows are short: about
+# this many elements, so that more loads are in flight.
+FWD_ROW_ELEMENTS = 1024
+BWD_ROW_ELEMENTS = 4096
+# Backward persistent grid: enough programs per SM to hide latency, few enough that the
 # (programs, N) float32 partial sums stay small next to the activations.
 BWD_PROGRAMS_PER_SM = 4
-BWD_ROW_ELEMENTS = 4096
 
 
-def _bwd_rows(block_n: int) -> int:
-    return max(1, min(8, BWD_ROW_ELEMENTS // block_n))
+def _rows_per_block(block_n: int, elements: int) -> int:
+    return max(1, min(8, elements // block_n))
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _ln_fwd_kernel(
     X, R, W, B, Y, MEAN, RSTD,
     stride_x, stride_r, stride_y,
-    N, eps, p, keep_scale, seed,
+    M, N, eps, p, keep_scale, seed,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """Each program normalises ``ROWS`` whole rows."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, row * N + cols, p)
+        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], p)
         s = tl.where(keep, s * keep_scale, 0.0)
     if HAS_R:
-        s += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(s, axis=0) / N
-    centred = tl.where(mask, s - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / N + eps)
-    y = centred * rstd
+        s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(s, axis=1) / N
+    centred = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    y = centred * rstd[:, None]
     if HAS_W:
-        y *= tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y *= tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -146,13 +152,14 @@ def _launch_fwd(x2: Tensor, r2: Optional[Tensor], weight: Optional[Tensor], bias
     if m == 0:
         return y, mean, rstd
     block = next_power_of_2(n)
-    _ln_fwd_kernel[(m,)](
+    rows = _rows_per_block(block, FWD_ROW_ELEMENTS)
+    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
         x2, r2 if r2 is not None else x2, weight if weight is not None else x2,
         bias if bias is not None else x2, y, mean, rstd,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-        n, eps, p, _keep_scale(p), seed,
+        m, n, eps, p, _keep_scale(p), seed,
         HAS_R=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_DROPOUT=p > 0.0, BLOCK_N=block, num_warps=row_warps(block),
+        HAS_DROPOUT=p > 0.0, ROWS=rows, BLOCK_N=block, num_warps=row_warps(block * rows),
     )
     return y, mean, rstd
 
@@ -189,7 +196,7 @@ class LayerNormFn(torch.autograd.Function):
         compute_dw = need_dw and w is not None
         compute_db = need_db and b_dtype is not None
         block = next_power_of_2(n)
-        rows_per_iter = _bwd_rows(block)
+        rows_per_iter = _rows_per_block(block, BWD_ROW_ELEMENTS)
         programs = max(1, min(triton.cdiv(m, rows_per_iter), BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
         dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_dw else None
         db_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_db else None
