@@ -96,6 +96,7 @@ def record(table: List[Dict], bench: Bench, op: str, case: str, impl: str, ms: f
                    pct_of_copy=round(100 * gbps / copy_cache[nbytes], 1))
     row.update(extra)
     table.append(row)
+    print(json.dumps(row), flush=True)
     return row
 
 
@@ -290,6 +291,14 @@ def bench_cross_entropy(bench: Bench, table: List[Dict], sweeps: Dict) -> None:
                      "peak_mib": round(bench.peak_mb(lambda: step(fused, "mean", 0.1)), 1)})
     ce_mod.CHUNK_BYTES = saved
     sweeps["cross_entropy_chunk_bytes"] = rows
+    saved = ce_mod._MAX_BLOCK_V
+    rows = []
+    for block_v in (2048, 4096, 8192):
+        ce_mod._MAX_BLOCK_V = block_v
+        rows.append({"block_v": block_v,
+                     "ms": round(bench.time_ms([lambda: step(fused, "mean", 0.1)]), 4)})
+    ce_mod._MAX_BLOCK_V = saved
+    sweeps["cross_entropy_block_v"] = rows
 
 
 # ------------------------------------------------------------------------------------- main
@@ -318,19 +327,26 @@ def main(argv=None) -> Dict:
     table: List[Dict] = []
     sweeps: Dict = {}
     copies: Dict[int, float] = {}
-    bench_layer_norm(bench, table, copies)
-    bench_bias_gelu(bench, table, copies)
-    bench_cross_entropy(bench, table, sweeps)
+    errors: Dict[str, str] = {}
+    sections = [("layer_norm", lambda: bench_layer_norm(bench, table, copies)),
+                ("bias_gelu", lambda: bench_bias_gelu(bench, table, copies)),
+                ("cross_entropy", lambda: bench_cross_entropy(bench, table, sweeps))]
     if not args.no_sweeps:
-        sweep_layer_norm(bench, sweeps)
-        sweep_bias_gelu_bwd(bench, sweeps)
+        sections += [("sweep_layer_norm", lambda: sweep_layer_norm(bench, sweeps)),
+                     ("sweep_bias_gelu", lambda: sweep_bias_gelu_bwd(bench, sweeps))]
+    for name, run in sections:
+        try:
+            run()
+        except Exception as exc:  # report and go on: one broken section must not hide the rest
+            errors[name] = repr(exc)
+            print(f"section {name} failed: {exc!r}", file=sys.stderr, flush=True)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
         "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", "benchmarks/bench_norm_gelu_ce.py", *(argv or sys.argv[1:])]),
         "copy_gbps_1GiB": None if args.smoke else round(bench.copy_gbps(2**30), 1),
-        "results": table, "sweeps": sweeps,
+        "results": table, "sweeps": sweeps, "errors": errors,
     }
     print_table(table)
     for name, rows in sweeps.items():

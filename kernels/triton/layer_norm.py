@@ -21,7 +21,7 @@ from .common import draw_seed, dropout_keep, next_power_of_2, row_warps, sm_coun
 Tensor = torch.Tensor
 
 #: Largest normalised dimension: a row must fit in registers.
-MAX_N = 16384
+MAX_N = 8192
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows a program (forward) or a loop iteration (backward) handles when rows are short: about
 # this many elements, so that more loads are in flight.
