@@ -24,8 +24,8 @@ _MAX_BLOCK_N = 256
 # Programs per SM, over all column blocks, of the backward's persistent grid.
 BWD_PROGRAMS_PER_SM = 8
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
