@@ -19,10 +19,10 @@ from .common import next_power_of_2, sm_count
 Tensor = torch.Tensor
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BLOCK_M = 16
+_BLOCK_M = 8  # 8 x 256 tiles over 4 warps: 16 elements a thread, no spills in the backward
 _MAX_BLOCK_N = 256
 # Programs per SM, over all column blocks, of the backward's persistent grid.
-BWD_PROGRAMS_PER_SM = 8
+BWD_PROGRAMS_PER_SM = 4
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -31,14 +31,18 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 @triton.jit
 def _gelu_fwd_kernel(X, BIAS, Y, M, N, stride_x, stride_y,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit row base, 32-bit offsets inside the tile: fewer registers than 64-bit per element.
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    local = tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = (local[:, None] < (M - row0).to(tl.int32)) & (cols[None, :] < N)
+    z = tl.load(X + row0 * stride_x + local[:, None] * stride_x + cols[None, :],
+                mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row0 * stride_y + local[:, None] * stride_y + cols[None, :],
+             y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -46,27 +50,32 @@ def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, tiles_per_program,
                      stride_x, stride_dy, stride_dx,
                      HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program ``(j, i)``: column block ``j``, row tiles ``i, i + programs, ...``."""
     pid_m = tl.program_id(1)
     step = tl.num_programs(1) * BLOCK_M
+    local = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_BIAS:
         bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    for _ in range(0, tiles_per_program):  # row tiles pid_m, pid_m + programs, ...
-        mask = (rows[:, None] < M) & col_mask[None, :]
-        z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    for _ in range(0, tiles_per_program):
+        mask = (local[:, None] < (M - row0).to(tl.int32)) & col_mask[None, :]
+        z = tl.load(X + row0 * stride_x + local[:, None] * stride_x + cols[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += bias[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row0 * stride_dy + local[:, None] * stride_dy + cols[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
         pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
         dx = dy * (cdf + z * pdf)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row0 * stride_dx + local[:, None] * stride_dx + cols[None, :],
+                 dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DB:
-            db_acc += dx  # masked lanes hold dy == 0
-        rows += step
+            db_acc += dx  # masked lanes hold dy == 0; reduced over rows once, at the end
+        row0 += step
     if COMPUTE_DB:
         tl.store(DB_PART + pid_m * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
