@@ -5,6 +5,11 @@ with small shapes; the ``gpu`` tests run BLIP's real shapes on a CUDA device.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -326,6 +331,19 @@ def test_linear_cross_entropy_why_not():
     assert ce_mod.why_not_linear_cross_entropy(h, w, b, labels) is None
     assert "dtype" in ce_mod.why_not_linear_cross_entropy(h, w.double(), b, labels)
     assert "labels" in ce_mod.why_not_linear_cross_entropy(h, w, b, labels.float())
+
+
+# ------------------------------------------------------------------------ compiler, no GPU
+
+def test_kernels_compile_for_sm90():
+    """Errors only the compiler sees (the interpreter runs kernels as Python): compile for sm_90."""
+    script = Path(__file__).with_name("compile_check_norm_gelu_ce.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if run.returncode == 2:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 # ----------------------------------------------------------------------- GPU, real shapes

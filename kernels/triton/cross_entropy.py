@@ -90,6 +90,10 @@ def _ce_loss_grad_kernel(
             tl.store(ptr + c, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
+def _ce_warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
+
+
 def chunk_rows_for(n_rows: int, vocab: int, element_size: int,
                    chunk_bytes: Optional[int] = None) -> int:
     """Rows per chunk: the fewest equal chunks whose logits fit in ``chunk_bytes``."""
@@ -148,7 +152,7 @@ def _fused_pass(
             logits.stride(0), 1 if per_row else 0,
             vocab, ignore_index, 1.0 - label_smoothing, label_smoothing / vocab, label_smoothing,
             COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v,
-            num_warps=8 if block_v >= 2048 else 4,
+            num_warps=_ce_warps(block_v),
         )
         if not compute_grad:
             continue
