@@ -41,8 +41,23 @@ ROTATION_BYTES = 256 * 2**20  # input sets per case: enough to span several L2s
 class Bench:
     """Timing and memory helpers; ``smoke`` swaps do_bench for one wall-clock call."""
 
-    def __init__(self, device: torch.device, smoke: bool):
-        self.device, self.smoke = device, smoke
+    def __init__(self, device: torch.device, smoke: bool, kernel_times: bool = False):
+        self.device, self.smoke, self.kernel_times = device, smoke, kernel_times
+        self.last_kernel_ms = None
+
+    def device_ms(self, fns: Sequence[Callable[[], object]], calls: int = 20) -> float:
+        """Summed GPU kernel time of one call from the profiler: no launch or host overhead."""
+        from torch.profiler import ProfilerActivity, profile
+        for fn in fns[:2]:
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(calls):
+                fns[i % len(fns)]()
+            torch.cuda.synchronize()
+        total_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                       for e in prof.key_averages())
+        return total_us / calls / 1e3
 
     def time_ms(self, fns: Sequence[Callable[[], object]]) -> float:
         """Median ms of one call, cycling through ``fns`` (one per input set)."""
@@ -53,6 +68,7 @@ class Bench:
             start = time.perf_counter()
             call()
             return (time.perf_counter() - start) * 1e3
+        self.last_kernel_ms = self.device_ms(list(fns)) if self.kernel_times else None
         return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
 
     def peak_mb(self, fn: Callable[[], object]) -> float:
@@ -88,6 +104,8 @@ def randn(shape, dtype, device, requires_grad=False, scale=1.0):
 def record(table: List[Dict], bench: Bench, op: str, case: str, impl: str, ms: float,
            nbytes: int = 0, copy_cache: Dict[int, float] = None, **extra) -> Dict:
     row = {"op": op, "case": case, "impl": impl, "ms": round(ms, 4)}
+    if bench.last_kernel_ms is not None:
+        row["kernel_ms"] = round(bench.last_kernel_ms, 4)
     if nbytes:
         if nbytes not in copy_cache:
             copy_cache[nbytes] = bench.copy_gbps(nbytes)
@@ -304,7 +322,7 @@ def bench_cross_entropy(bench: Bench, table: List[Dict], sweeps: Dict) -> None:
 # ------------------------------------------------------------------------------------- main
 
 def print_table(table: List[Dict]) -> None:
-    cols = ["op", "case", "impl", "ms", "gbps", "pct_of_copy", "peak_mib", "time_vs_unfused",
+    cols = ["op", "case", "impl", "ms", "kernel_ms", "gbps", "pct_of_copy", "peak_mib", "time_vs_unfused",
             "peak_vs_unfused"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in table)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
@@ -318,12 +336,15 @@ def main(argv=None) -> Dict:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU interpreter, to check the script runs")
     parser.add_argument("--no-sweeps", action="store_true", help="skip the launch-parameter sweeps")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also report summed GPU kernel time per call (torch.profiler), "
+                             "which separates kernel time from launch and host overhead")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device (or --smoke)")
     device = torch.device("cpu" if args.smoke else "cuda")
     torch.manual_seed(0)
-    bench = Bench(device, args.smoke)
+    bench = Bench(device, args.smoke, args.kernel_times and not args.smoke)
     table: List[Dict] = []
     sweeps: Dict = {}
     copies: Dict[int, float] = {}
