@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import next_power_of_2, sm_count
+from .common import cdiv, next_power_of_2, sm_count
 
 Tensor = torch.Tensor
 
@@ -103,7 +103,7 @@ class BiasGeluFn(torch.autograd.Function):
         y = torch.empty((m, n), dtype=out_dtype, device=x.device)
         if m > 0 and n > 0:
             block_n = _block_n(n)
-            grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, block_n))
+            grid = (cdiv(m, _BLOCK_M), cdiv(n, block_n))
             _gelu_fwd_kernel[grid](x2, b if b is not None else x2, y, m, n, x2.stride(0), y.stride(0),
                                    HAS_BIAS=b is not None, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
                                    num_warps=4)
@@ -120,15 +120,15 @@ class BiasGeluFn(torch.autograd.Function):
         m, n = x2.shape
         dx = torch.empty((m, n), dtype=x_dtype, device=x2.device)
         block_n = _block_n(n)
-        col_blocks = triton.cdiv(n, block_n) if n > 0 else 1
-        row_programs = max(1, min(triton.cdiv(m, _BLOCK_M),
+        col_blocks = cdiv(n, block_n) if n > 0 else 1
+        row_programs = max(1, min(cdiv(m, _BLOCK_M),
                                   BWD_PROGRAMS_PER_SM * sm_count(x2.device) // col_blocks))
         db_part = (torch.empty((row_programs, n), dtype=torch.float32, device=x2.device)
                    if need_db else None)
         if m > 0 and n > 0:
             _gelu_bwd_kernel[(col_blocks, row_programs)](
                 x2, b if b is not None else x2, dy2, dx, db_part if need_db else dx,
-                m, n, triton.cdiv(triton.cdiv(m, _BLOCK_M), row_programs),
+                m, n, cdiv(cdiv(m, _BLOCK_M), row_programs),
                 x2.stride(0), dy2.stride(0), dx.stride(0),
                 HAS_BIAS=b is not None, COMPUTE_DB=need_db, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
                 num_warps=4,

@@ -57,3 +57,8 @@ def row_warps(block: int) -> int:
     if block >= 1024:
         return 4
     return 2
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side launch arithmetic (``triton.cdiv`` is a slower jit wrapper)."""
+    return -(-a // b)

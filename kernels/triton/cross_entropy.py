@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_power_of_2
+from .common import cdiv, next_power_of_2
 
 Tensor = torch.Tensor
 
@@ -99,8 +99,8 @@ def chunk_rows_for(n_rows: int, vocab: int, element_size: int,
     """Rows per chunk: the fewest equal chunks whose logits fit in ``chunk_bytes``."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     max_rows = max(1, chunk_bytes // max(1, vocab * element_size))
-    n_chunks = max(1, triton.cdiv(n_rows, max_rows))
-    return max(1, triton.cdiv(n_rows, n_chunks))
+    n_chunks = max(1, cdiv(n_rows, max_rows))
+    return max(1, cdiv(n_rows, n_chunks))
 
 
 def _fused_pass(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import draw_seed, dropout_keep, next_power_of_2, row_warps, sm_count
+from .common import cdiv, draw_seed, dropout_keep, next_power_of_2, row_warps, sm_count
 
 Tensor = torch.Tensor
 
@@ -155,7 +155,7 @@ def _launch_fwd(x2: Tensor, r2: Optional[Tensor], weight: Optional[Tensor], bias
         return y, mean, rstd
     block = next_power_of_2(n)
     rows = _rows_per_block(block, FWD_ROW_ELEMENTS)
-    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
+    _ln_fwd_kernel[(cdiv(m, rows),)](
         x2, r2 if r2 is not None else x2, weight if weight is not None else x2,
         bias if bias is not None else x2, y, mean, rstd,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
@@ -199,7 +199,7 @@ class LayerNormFn(torch.autograd.Function):
         compute_db = need_db and b_dtype is not None
         block = next_power_of_2(n)
         rows_per_iter = _rows_per_block(block, BWD_ROW_ELEMENTS)
-        programs = max(1, min(triton.cdiv(m, rows_per_iter), BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
+        programs = max(1, min(cdiv(m, rows_per_iter), BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
         dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_dw else None
         db_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_db else None
         if m > 0:
@@ -209,7 +209,7 @@ class LayerNormFn(torch.autograd.Function):
                 db_part if db_part is not None else dx, mean, rstd,
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, dy2.stride(0), dx.stride(0),
                 dr.stride(0) if dr is not None else 0,
-                m, n, triton.cdiv(triton.cdiv(m, rows_per_iter), programs), p, _keep_scale(p), seed,
+                m, n, cdiv(cdiv(m, rows_per_iter), programs), p, _keep_scale(p), seed,
                 HAS_R=r2 is not None, HAS_W=w is not None, HAS_DROPOUT=p > 0.0,
                 STORE_DR=store_dr, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 ROWS=rows_per_iter, BLOCK_N=block, num_warps=row_warps(block * rows_per_iter),
