@@ -2,9 +2,12 @@
 
 Times the forward and forward+backward of the Triton kernel, of every torch SDPA backend that
 accepts the same mask (``torch.nn.attention.sdpa_kernel``), and of the reference (explicit
-softmax) implementation, in bfloat16 on one CUDA device. Prints a table (median ms and the
-ratio of the fastest SDPA backend's time and of the reference time to ours: > 1 means we are
-faster) and writes every number to JSON.
+softmax) implementation, in bfloat16 on one CUDA device. Each is timed twice: eagerly
+(``triton.testing.do_bench``, median, L2 flushed, so host launch overhead counts whenever it
+exceeds the GPU time, as in an eager training step) and replayed from a CUDA graph
+(``do_bench_cudagraph``: GPU time only). Prints a table (ms and the ratio of the fastest SDPA
+backend's time and of the reference time to ours: > 1 means we are faster) and writes every
+number, plus a per-kernel GPU time breakdown of the Triton path, to JSON.
 
     python benchmarks/bench_attention.py --out attn.json [--autotune] [--shapes vit224,bert_pad]
 
@@ -106,10 +109,8 @@ def candidates(shape: Shape) -> Dict[str, Callable]:
     return fns
 
 
-def _timed(fn: Callable, input_sets: List[Dict[str, object]], backward: bool) -> float:
-    """Median milliseconds of ``fn`` (and its backward), cycling through the input sets."""
-    from triton.testing import do_bench
-
+def _step(fn: Callable, input_sets: List[Dict[str, object]], backward: bool) -> Callable[[], None]:
+    """One call of ``fn`` (and its backward), on the next of the input sets each time."""
     cycle = itertools.cycle(input_sets)
 
     def step():
@@ -118,7 +119,36 @@ def _timed(fn: Callable, input_sets: List[Dict[str, object]], backward: bool) ->
         if backward:
             torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["grad"])
 
+    return step
+
+
+def _timed(fn: Callable, input_sets: List[Dict[str, object]], backward: bool, graph: bool = False) -> float:
+    """Median milliseconds of one call, eager or replayed from a CUDA graph."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    step = _step(fn, input_sets, backward)
+    if graph:
+        return float(do_bench_cudagraph(step, rep=20, return_mode="median"))
     return float(do_bench(step, warmup=25, rep=100, return_mode="median"))
+
+
+def kernel_breakdown(fn: Callable, input_sets: List[Dict[str, object]], iters: int = 10) -> Dict[str, float]:
+    """Average GPU microseconds per call of each CUDA kernel that ``fn``'s forward+backward runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _step(fn, input_sets, backward=True)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    times: Dict[str, float] = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if total > 0 and evt.key.startswith("_attn"):
+            times[evt.key] = total / iters
+    return times
 
 
 def _max_rel_err(fn: Callable, x: Dict[str, object], shape: Shape) -> float:
@@ -133,8 +163,10 @@ def _max_rel_err(fn: Callable, x: Dict[str, object], shape: Shape) -> float:
 
 
 def bench_shape(shape: Shape, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
-                n_sets: int = 3, only: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, object]]:
-    """{implementation: {"fwd_ms", "fwd_bwd_ms", "rel_err" or "error"}} for one shape."""
+                n_sets: int = 3, only: Optional[Sequence[str]] = None,
+                graphs: bool = True) -> Dict[str, Dict[str, object]]:
+    """{implementation: {"fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms", "rel_err"
+    (or "error")}} for one shape."""
     input_sets = [make_inputs(shape, dtype, torch.device(device), seed) for seed in range(n_sets)]
     results: Dict[str, Dict[str, object]] = {}
     for name, fn in candidates(shape).items():
@@ -146,6 +178,19 @@ def bench_shape(shape: Shape, dtype: torch.dtype = torch.bfloat16, device: str =
                                  fwd_bwd_ms=_timed(fn, input_sets, backward=True), rel_err=err)
         except Exception as exc:  # noqa: BLE001 - an SDPA backend refusing this mask is a result
             results[name] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            torch.cuda.synchronize()
+            continue
+        if graphs:
+            try:
+                results[name].update(fwd_graph_ms=_timed(fn, input_sets, backward=False, graph=True),
+                                     fwd_bwd_graph_ms=_timed(fn, input_sets, backward=True, graph=True))
+            except Exception as exc:  # noqa: BLE001
+                results[name]["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        if name == "triton":
+            try:
+                results[name]["kernels_us"] = kernel_breakdown(fn, input_sets)
+            except Exception as exc:  # noqa: BLE001
+                results[name]["kernels_error"] = repr(exc)[:160]
         torch.cuda.synchronize()
     return results
 
@@ -164,17 +209,22 @@ def _ratios(res: Dict[str, Dict[str, object]], key: str) -> Dict[str, Optional[f
 def _print_table(shape: Shape, res: Dict[str, Dict[str, object]]) -> None:
     print(f"\n{shape.name}: B={shape.batch} H={shape.heads} Lq={shape.lq} Lk={shape.lk} D={shape.head_dim}"
           f"{' padding' if shape.padding else ''}{' causal' if shape.causal else ''}")
-    print(f"  {'impl':<26}{'fwd ms':>10}{'fwd+bwd ms':>12}{'rel err':>10}")
+    print(f"  {'impl':<26}{'fwd ms':>9}{'fwd+bwd':>9}{'graph fwd':>11}{'graph f+b':>11}{'rel err':>9}")
+    ms = lambda r, key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
     for name, r in res.items():
         if "error" in r:
-            print(f"  {name:<26}{'-':>10}{'-':>12}   unsupported: {r['error'][:70]}")
-        else:
-            print(f"  {name:<26}{r['fwd_ms']:>10.3f}{r['fwd_bwd_ms']:>12.3f}{r['rel_err']:>10.1e}")
-    for key in ("fwd_ms", "fwd_bwd_ms"):
+            print(f"  {name:<26}{'-':>9}{'-':>9}{'-':>11}{'-':>11}   unsupported: {r['error'][:60]}")
+            continue
+        print(f"  {name:<26}{ms(r, 'fwd_ms'):>9}{ms(r, 'fwd_bwd_ms'):>9}{ms(r, 'fwd_graph_ms'):>11}"
+              f"{ms(r, 'fwd_bwd_graph_ms'):>11}{r['rel_err']:>9.1e}")
+    for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
         rt = _ratios(res, key)
         fmt = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
-        print(f"  triton {key[:-3]:<8} speedup: vs fastest SDPA {fmt(rt['speedup_vs_best_sdpa'])}, "
+        print(f"  triton {key[:-3]:<14} speedup: vs fastest SDPA {fmt(rt['speedup_vs_best_sdpa'])}, "
               f"vs reference {fmt(rt['speedup_vs_reference'])}")
+    kernels = res.get("triton", {}).get("kernels_us")
+    if kernels:
+        print("  triton kernels (GPU us per fwd+bwd): " + ", ".join(f"{k} {v:.1f}" for k, v in kernels.items()))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -183,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--shapes", help="comma-separated subset of: " + ",".join(s.name for s in SHAPES))
     parser.add_argument("--only", help="comma-separated subset of implementations")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--autotune", action="store_true",
                         help="let the kernel time its candidate block configurations (first call per shape)")
     args = parser.parse_args(argv)
@@ -204,11 +255,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dtype=args.dtype, autotune=args.autotune, command=" ".join(sys.argv), shapes={},
     )
     for shape in shapes:
-        res = bench_shape(shape, dtype, only=only)
+        res = bench_shape(shape, dtype, only=only, graphs=not args.no_graphs)
         _print_table(shape, res)
         report["shapes"][shape.name] = dict(
             shape=asdict(shape), results=res,
-            fwd=_ratios(res, "fwd_ms"), fwd_bwd=_ratios(res, "fwd_bwd_ms"))
+            **{key[:-3]: _ratios(res, key) for key in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms")})
     report["tuned_configs"] = {repr(k): repr(v) for k, v in common.tuned_configs().items()}
     if args.autotune:
         print("\nautotuned configs:")

@@ -135,10 +135,24 @@ def test_matches_reference_half(case, dtype):
 @pytest.mark.parametrize("case", ["causal_L70", "causal_br_7_to_33", "causal_br_33_to_7_pad",
                                   "cross_33_to_70_pad", "self_L70_d64"])
 def test_small_unequal_blocks(case, monkeypatch):
-    """Many blocks, BLOCK_M != BLOCK_N: exercises the interior/diagonal split of every loop."""
+    """Many blocks, BLOCK_M != BLOCK_N, two-kind backward even for short Lq: exercises the
+    interior/diagonal split of every loop."""
+    monkeypatch.setattr(attn_mod, "SHORT_Q_MAX", 0)
     monkeypatch.setattr(attn_mod, "_INTERPRETER_FWD", attn_mod.FwdConfig(16, 32, 1, 1))
     monkeypatch.setattr(attn_mod, "_INTERPRETER_BWD", attn_mod.BwdConfig(16, 32, 32, 16, 1, 1))
     b, h, lq, lk, d, lengths, causal = CASES[case]
+    q, k, v = qkv(b, h, lq, lk, d, torch.float32)
+    mask = None if lengths is None else padding_mask(lengths, lk)
+    check_against_reference(q, k, v, mask, causal)
+
+
+@pytest.mark.parametrize("case", ["causal_br_7_to_33", "causal_br_33_to_7_pad", "cross_33_to_70_pad",
+                                  "pad_ragged_empty_row"])
+def test_short_backward_many_key_blocks(case, monkeypatch):
+    """The one-program-per-head backward over several key blocks (interior and masked tail)."""
+    monkeypatch.setattr(attn_mod, "_INTERPRETER_SHORT_BWD", attn_mod.ShortBwdConfig(16, 1, 1))
+    b, h, lq, lk, d, lengths, causal = CASES[case]
+    assert lq <= attn_mod.SHORT_Q_MAX
     q, k, v = qkv(b, h, lq, lk, d, torch.float32)
     mask = None if lengths is None else padding_mask(lengths, lk)
     check_against_reference(q, k, v, mask, causal)
@@ -184,8 +198,9 @@ def test_output_layout_transposes_for_free():
     assert out.transpose(1, 2).is_contiguous()
 
 
-def test_backward_is_deterministic():
-    q, k, v = qkv(2, 2, 33, 70, 32, torch.float32)
+@pytest.mark.parametrize("lq", [33, 70])
+def test_backward_is_deterministic(lq):
+    q, k, v = qkv(2, 2, lq, 70, 32, torch.float32)
     out = attn_mod.attention(q, k, v, key_padding_mask=padding_mask([70, 30], 70), causal=True)
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
@@ -273,8 +288,11 @@ def test_dropout_applies_the_reported_mask():
     assert abs(row_mass - 1.0) < 0.1
 
 
+@pytest.mark.parametrize("short_backward", [True, False], ids=["one_program_per_head", "two_kind"])
 @pytest.mark.parametrize("causal, lengths", [(False, None), (True, [33, 20])])
-def test_dropout_gradients(causal, lengths):
+def test_dropout_gradients(causal, lengths, short_backward, monkeypatch):
+    if not short_backward:
+        monkeypatch.setattr(attn_mod, "SHORT_Q_MAX", 0)
     b, h, lq, lk, d, p = 2, 2, 33, 33, 32, 0.2
     q, k, v = qkv(b, h, lq, lk, d, torch.float32)
     mask = None if lengths is None else padding_mask(lengths, lk)
@@ -338,3 +356,15 @@ def test_gpu_strided_and_dropout():
     assert rel_err(out, ref.attention(q.double(), k.double(), v.double())) <= GPU_TOL[torch.bfloat16]
     keep = _kernel_mask(9, b, h, n, n, 0.1)
     assert abs(keep.float().mean().item() - 0.9) < 0.005
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["bert_pad_35", "decoder_causal_pad_35", "cross_35_to_577"])
+def test_gpu_two_kind_backward_for_short_queries(case, monkeypatch):
+    """The general backward also runs short query sequences (e.g. with SHORT_Q_MAX lowered)."""
+    monkeypatch.setattr(attn_mod, "SHORT_Q_MAX", 0)
+    b, h, lq, lk, d, lengths, causal = GPU_CASES[case]
+    q, k, v = qkv(b, h, lq, lk, d, torch.bfloat16)
+    mask = None if lengths is None else padding_mask(_ragged(b, lk), lk)
+    check_against_reference(q, k, v, mask, causal, tol=GPU_TOL[torch.bfloat16])

@@ -21,6 +21,12 @@ Backward
     exactly once by one program: no atomics, no float32 dQ scratch buffer, and bit-for-bit
     deterministic results.
 
+    Short query sequences (``Lq <= SHORT_Q_MAX``: BERT self-attention, text-to-image
+    cross-attention, the decoder) instead run one program per head that holds every query: it
+    computes delta itself and, in one pass over the key blocks, writes each block's dK and dV
+    (complete, as no other program sees those keys) while accumulating dQ. One launch, five
+    matmuls per tile, still deterministic.
+
 Dropout
     The keep mask of score ``(b, h, i, j)`` is ``rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p``
     (Philox, :func:`common.dropout_keep`), regenerated in the backward instead of stored. The seed
@@ -463,6 +469,113 @@ def _attn_bwd_kernel(
 
 
 @triton.jit
+def _bwd_short_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, dk_base, dv_base,
+                     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                     stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+                     q_pos, rng_rows, lo, hi, Lk, sm_scale, qk_scale, seed, dropout_p,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CHECK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """All gradients of key blocks [lo, hi) when one program holds every query of the head.
+
+    dK and dV of a key block are complete after this one visit, so they are stored here;
+    dQ (BLOCK_M, BLOCK_D) float32 accumulates. Arguments as in :func:`_bwd_dq_inner`.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(tile_ptrs(k_base, offs_n, offs_d, stride_kn, stride_kd), offs_n, offs_d,
+                      Lk, HEAD_DIM, CHECK_KEYS, BLOCK_D != HEAD_DIM)
+        v = load_tile(tile_ptrs(v_base, offs_n, offs_d, stride_vn, stride_vd), offs_n, offs_d,
+                      Lk, HEAD_DIM, CHECK_KEYS, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mask_scores(s, q_pos, offs_n[None, :], offs_n[None, :], Lk, CHECK_KEYS, CAUSAL)
+        if HAS_KPM:
+            key_keep = tl.load(kpm_base + offs_n * stride_mn, mask=offs_n < Lk, other=0) != 0
+            s = tl.where(key_keep[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, rng_rows + offs_n[None, :], dropout_p)
+            p_drop = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            p_drop = p
+        ds = p * (dp - delta[:, None])
+        dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        store_tile(tile_ptrs(dk_base, offs_n, offs_d, stride_dkn, stride_dkd), dk * sm_scale,
+                   offs_n, offs_d, Lk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        store_tile(tile_ptrs(dv_base, offs_n, offs_d, stride_dvn, stride_dvd), dv,
+                   offs_n, offs_d, Lk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_short_kernel(
+    Q, K, V, KPM, Out, DO, LSE, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mn,
+    H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid ``(1, H, B)``, for ``Lq <= BLOCK_M`` (text queries): one program per head computes
+    delta, dQ, dK and dV in one pass over the keys (five matmuls per tile, one launch).
+    Shapes as in :func:`_attn_bwd_kernel`; Out is the forward output."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_tile(tile_ptrs(Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qm, stride_qd),
+                  offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    do = load_tile(tile_ptrs(DO + b64 * stride_gb + h64 * stride_gh, offs_m, offs_d, stride_gm, stride_gd),
+                   offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    o = load_tile(tile_ptrs(Out + b64 * stride_ob + h64 * stride_oh, offs_m, offs_d, stride_om, stride_od),
+                  offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse = tl.load(LSE + (b64 * H + h64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    dk_base = DK + b64 * stride_dkb + h64 * stride_dkh
+    dv_base = DV + b64 * stride_dvb + h64 * stride_dvh
+    kpm_base = KPM + b64 * stride_mb
+    causal_shift = Lk - Lq
+    q_pos = (offs_m + causal_shift)[:, None]
+    rng_rows = _rng_rows(b, h, H, Lq, Lk, offs_m, RNG64)[:, None]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # With every query here, bottom-right causal masking leaves no key unseen: hi == Lk, so
+    # every dK/dV row is written.
+    hi, full = _visible_keys(0, Lk, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _bwd_short_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, dk_base, dv_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+        stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+        q_pos, rng_rows, 0, full, Lk, sm_scale, qk_scale, seed, dropout_p,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+    dq = _bwd_short_inner(
+        dq, q, do, lse, delta, k_base, v_base, kpm_base, dk_base, dv_base,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+        stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+        q_pos, rng_rows, full, hi, Lk, sm_scale, qk_scale, seed, dropout_p,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KPM, DROPOUT, DOT_PRECISION)
+    dq_ptrs = tile_ptrs(DQ + b64 * stride_dqb + h64 * stride_dqh, offs_m, offs_d, stride_dqm, stride_dqd)
+    store_tile(dq_ptrs, dq * sm_scale, offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
 def _dropout_mask_kernel(Mask, H, Lq, Lk, seed, dropout_p,
                          RNG64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Lq, BLOCK_M), H, B)``: Mask (B, H, Lq, Lk) uint8 contiguous, 1 = kept."""
@@ -490,6 +603,8 @@ class FwdConfig:
 
 @dataclass(frozen=True)
 class BwdConfig:
+    """Blocks of the two-kind backward (:func:`_attn_bwd_kernel`)."""
+
     block_m1: int  # query block of the dK/dV programs
     block_n1: int  # key block owned by a dK/dV program
     block_m2: int  # query block owned by a dQ program
@@ -498,10 +613,25 @@ class BwdConfig:
     num_stages: int = 2
 
 
+@dataclass(frozen=True)
+class ShortBwdConfig:
+    """Blocks of the one-program-per-head backward (:func:`_attn_bwd_short_kernel`); its query
+    block is ``Lq`` rounded up to a power of two."""
+
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+#: Largest Lq that takes the one-program-per-head backward (text self/cross-attention). Longer
+#: query sequences need several programs per head for parallelism and registers.
+SHORT_Q_MAX = 64
+
 # Interpreter: large blocks keep the CPU tests fast (each device-function call costs ~1 ms there);
 # the tests override them to cover multi-block and unequal-block paths.
 _INTERPRETER_FWD = FwdConfig(64, 64, 1, 1)
 _INTERPRETER_BWD = BwdConfig(64, 64, 64, 64, 1, 1)
+_INTERPRETER_SHORT_BWD = ShortBwdConfig(64, 1, 1)
 
 _FWD_CANDIDATES: Sequence[FwdConfig] = (
     FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 4, 3), FwdConfig(128, 128, 8, 3), FwdConfig(128, 32, 4, 3),
@@ -509,9 +639,13 @@ _FWD_CANDIDATES: Sequence[FwdConfig] = (
     FwdConfig(32, 32, 2, 2), FwdConfig(16, 32, 4, 2),
 )
 _BWD_CANDIDATES: Sequence[BwdConfig] = (
-    BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(64, 64, 64, 64, 8, 2), BwdConfig(32, 128, 128, 32, 8, 2),
-    BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(64, 64, 64, 64, 4, 2), BwdConfig(32, 64, 32, 32, 4, 2),
-    BwdConfig(32, 32, 32, 32, 4, 2), BwdConfig(32, 32, 32, 32, 2, 2), BwdConfig(16, 32, 32, 16, 4, 2),
+    BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(64, 64, 64, 64, 8, 2),
+    BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(64, 64, 64, 64, 4, 2),
+    BwdConfig(32, 64, 32, 32, 4, 2), BwdConfig(32, 32, 32, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2),
+)
+_SHORT_BWD_CANDIDATES: Sequence[ShortBwdConfig] = (
+    ShortBwdConfig(32, 4, 2), ShortBwdConfig(64, 4, 2), ShortBwdConfig(64, 4, 3), ShortBwdConfig(32, 2, 2),
+    ShortBwdConfig(64, 8, 2), ShortBwdConfig(128, 8, 2),
 )
 
 
@@ -520,23 +654,35 @@ def _bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+# The built-in choices below are the fastest candidates measured on an H100 (bf16, D = 64, see
+# benchmarks/notes_attention.md); register and shared-memory use was checked for D up to 128.
+
 def _fwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> FwdConfig:
-    """Built-in forward blocks for sm_90 (register/shared-memory use checked offline)."""
+    """Built-in forward blocks for sm_90."""
     if dtype == torch.float32:  # float32 dots run on the FMA units: small tiles, fewer registers
         return FwdConfig(32, 32, 4, 2)
-    block_m = min(128, _bucket(lq))
-    if block_m == 128:
-        return FwdConfig(128, 64, 8, 3)
-    if block_m == 64:
+    bucket = _bucket(lq)
+    if bucket >= 1024:
         return FwdConfig(64, 64, 4, 3)
-    return FwdConfig(block_m, 64 if lk > 32 else 32, 4, 2)
+    if bucket >= 128:
+        return FwdConfig(128, 32, 4, 3)
+    if bucket == 64:
+        return FwdConfig(64, 32, 4, 2)
+    return FwdConfig(bucket, 32, 2, 2)
 
 
 def _bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> BwdConfig:
-    """Built-in backward blocks for sm_90 (register/shared-memory use checked offline)."""
+    """Built-in blocks of the two-kind backward for sm_90."""
     if dtype == torch.float32:
         return BwdConfig(32, 32, 32, 32, 4, 2)
-    return BwdConfig(32, 64 if lk > 32 else 32, 64 if lq > 32 else 32, 32, 4, 2)
+    return BwdConfig(32, 64, 64, 32, 4, 3)
+
+
+def _short_bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> ShortBwdConfig:
+    """Built-in blocks of the one-program-per-head backward for sm_90."""
+    if dtype == torch.float32 or d > 64 or lq > 32:
+        return ShortBwdConfig(32, 4, 2)  # 64 x 64 float32 tiles would spill
+    return ShortBwdConfig(64 if lk > 32 else 32, 4, 2)
 
 
 def _autotuning() -> bool:
@@ -610,28 +756,51 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """dq, dk, dv (shapes and dtype of q, k, v) for the upstream gradient ``grad_out``."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    block_d = _block_d(d)
-    delta = new_output((batch, heads, lq), torch.float32, q.device)
-    delta_block = 32 if interpreting() else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(lq, delta_block), heads, batch)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=delta_block,
-    )
     dq = new_output(q.shape, q.dtype, q.device, order=(0, 2, 1, 3))
     dk = new_output(k.shape, k.dtype, k.device, order=(0, 2, 1, 3))
     dv = new_output(v.shape, v.dtype, v.device, order=(0, 2, 1, 3))
     kpm_arg, stride_mb, stride_mn = _kpm_args(kpm, q)
+    consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_KPM=kpm is not None, CAUSAL=causal,
+                  DROPOUT=dropout_p > 0.0, RNG64=_needs_rng64(batch, heads, lq, lk),
+                  DOT_PRECISION=_dot_precision(q.dtype))
+    scalars = (heads, lq, lk, scale, scale * _LOG2E, seed, dropout_p)
+    key = (d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout_p > 0)
+
+    # float32 tiles of 64 queries spill registers in the one-program form: those take the other.
+    if lq <= (SHORT_Q_MAX if q.dtype != torch.float32 else min(SHORT_Q_MAX, 32)):
+        def launch_short(cfg: ShortBwdConfig) -> None:
+            _attn_bwd_short_kernel[(1, heads, batch)](
+                q, k, v, kpm_arg, out, grad_out, lse, dq, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+                *dq.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn, *scalars,
+                **consts, BLOCK_M=_bucket(lq), BLOCK_N=cfg.block_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
+        if interpreting():
+            short_cfg = _INTERPRETER_SHORT_BWD
+        elif _autotuning():
+            cands = [c for c in _SHORT_BWD_CANDIDATES if c.block_n <= _bucket(lk)]
+            short_cfg = tune(("attn_bwd_short",) + key, cands or [_short_bwd_config(d, lq, lk, q.dtype)],
+                             launch_short)
+        else:
+            short_cfg = _short_bwd_config(d, lq, lk, q.dtype)
+        launch_short(short_cfg)
+        return dq, dk, dv
+
+    delta = new_output((batch, heads, lq), torch.float32, q.device)
+    delta_block = 32 if interpreting() else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(lq, delta_block), heads, batch)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq,
+        HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=delta_block,
+    )
 
     def launch(cfg: BwdConfig) -> None:
         grid = (triton.cdiv(lk, cfg.block_n1) + triton.cdiv(lq, cfg.block_m2), heads, batch)
         _attn_bwd_kernel[grid](
             q, k, v, kpm_arg, grad_out, lse, delta, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn,
-            heads, lq, lk, scale, scale * _LOG2E, seed, dropout_p,
-            HEAD_DIM=d, BLOCK_D=block_d, HAS_KPM=kpm is not None, CAUSAL=causal,
-            DROPOUT=dropout_p > 0.0, RNG64=_needs_rng64(batch, heads, lq, lk),
-            DOT_PRECISION=_dot_precision(q.dtype),
+            *dq.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn, *scalars, **consts,
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -639,10 +808,9 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if interpreting():
         cfg = _INTERPRETER_BWD
     elif _autotuning():
-        key = ("attn_bwd", d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout_p > 0)
         cands = [c for c in _BWD_CANDIDATES
                  if _fits(lq, lk, c.block_m1, c.block_n1) and _fits(lq, lk, c.block_m2, c.block_n2)]
-        cfg = tune(key, cands or [_bwd_config(d, lq, lk, q.dtype)], launch)
+        cfg = tune(("attn_bwd",) + key, cands or [_bwd_config(d, lq, lk, q.dtype)], launch)
     else:
         cfg = _bwd_config(d, lq, lk, q.dtype)
     launch(cfg)
