@@ -51,11 +51,13 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .common import (
+    cdiv,
     draw_seed,
     dropout_keep,
     interpreting,
     load_tile,
     new_output,
+    next_power_of_2,
     store_tile,
     tile_ptrs,
     tune,
@@ -651,7 +653,7 @@ _SHORT_BWD_CANDIDATES: Sequence[ShortBwdConfig] = (
 
 def _bucket(n: int) -> int:
     """Problem-size class of a sequence length for tuning (lengths 17..32 share one)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 # The built-in choices below are the fastest candidates measured on an H100 (bf16, D = 64, see
@@ -703,7 +705,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _kpm_args(kpm: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int, int]:
@@ -727,7 +729,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], causal: boo
     kpm_arg, stride_mb, stride_mn = _kpm_args(kpm, q)
 
     def launch(cfg: FwdConfig) -> None:
-        grid = (triton.cdiv(lq, cfg.block_m), heads, batch)
+        grid = (cdiv(lq, cfg.block_m), heads, batch)
         _attn_fwd_kernel[grid](
             q, k, v, kpm_arg, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_mb, stride_mn,
@@ -790,13 +792,13 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
     delta = new_output((batch, heads, lq), torch.float32, q.device)
     delta_block = 32 if interpreting() else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(lq, delta_block), heads, batch)](
+    _attn_bwd_delta_kernel[(cdiv(lq, delta_block), heads, batch)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq,
         HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=delta_block,
     )
 
     def launch(cfg: BwdConfig) -> None:
-        grid = (triton.cdiv(lk, cfg.block_n1) + triton.cdiv(lq, cfg.block_m2), heads, batch)
+        grid = (cdiv(lk, cfg.block_n1) + cdiv(lq, cfg.block_m2), heads, batch)
         _attn_bwd_kernel[grid](
             q, k, v, kpm_arg, grad_out, lse, delta, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
@@ -923,7 +925,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, lq: int, lk: int, p: fl
     """
     mask = torch.empty((batch, heads, lq, lk), dtype=torch.uint8, device=device)
     block_m, block_n = 32, 32
-    _dropout_mask_kernel[(triton.cdiv(lq, block_m), heads, batch)](
+    _dropout_mask_kernel[(cdiv(lq, block_m), heads, batch)](
         mask, heads, lq, lk, seed, float(p),
         RNG64=_needs_rng64(batch, heads, lq, lk), BLOCK_M=block_m, BLOCK_N=block_n,
     )

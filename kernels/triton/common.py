@@ -17,7 +17,17 @@ import triton.language as tl
 
 
 def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(n)
+    """Smallest power of 2 >= n (0 for n <= 0), like ``triton.next_power_of_2``.
+
+    Plain Python: recent triton wraps its own in a JIT object that costs microseconds per call,
+    and these run on every launch.
+    """
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (plain Python, see :func:`next_power_of_2`)."""
+    return -(-a // b)
 
 
 def draw_seed(device: torch.device) -> int:
