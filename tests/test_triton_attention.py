@@ -5,7 +5,7 @@ with small shapes; the ``gpu`` tests run BLIP's real shapes on a CUDA device.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import pytest
 import torch
