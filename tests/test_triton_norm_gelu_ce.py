@@ -339,6 +339,8 @@ def test_kernels_compile_for_sm90():
     """Errors only the compiler sees (the interpreter runs kernels as Python): compile for sm_90."""
     script = Path(__file__).with_name("compile_check_norm_gelu_ce.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])  # the source tree under test, not an install
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     if run.returncode == 2:

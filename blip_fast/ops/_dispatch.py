@@ -45,13 +45,17 @@ class Backend:
     ``ops`` maps an op name to its implementation; ``checks`` maps an op name to a function with
     the op's signature that returns None when the call is supported, else a reason string.
     ``unavailable_reason`` is set when the backend cannot run at all in this process (a missing
-    package, no GPU), with the fix in the message.
+    package, no GPU), with the fix in the message. ``auto_checks`` hold extra conditions that
+    apply only when ``auto`` chooses: calls the backend *can* run but where another backend is
+    the better pick (measured slower at that shape, or the Triton CPU interpreter, which is a
+    test tool); an explicit request still gets the backend.
     """
 
     name: str
     ops: Dict[str, Callable[..., Any]] = field(default_factory=dict)
     checks: Dict[str, SupportCheck] = field(default_factory=dict)
     unavailable_reason: Optional[str] = None
+    auto_checks: Dict[str, SupportCheck] = field(default_factory=dict)
 
     def why_not(self, op: str, *args: Any, **kwargs: Any) -> Optional[str]:
         """None when this backend can run ``op`` on these arguments, else the reason."""
@@ -61,6 +65,14 @@ class Backend:
             return f"backend {self.name!r} has no implementation of {op!r}"
         check = self.checks.get(op)
         return check(*args, **kwargs) if check is not None else None
+
+    def why_not_auto(self, op: str, *args: Any, **kwargs: Any) -> Optional[str]:
+        """Like :meth:`why_not`, plus the conditions under which ``auto`` prefers another backend."""
+        reason = self.why_not(op, *args, **kwargs)
+        if reason is None:
+            check = self.auto_checks.get(op)
+            reason = check(*args, **kwargs) if check is not None else None
+        return reason
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -166,7 +178,7 @@ def resolve(op: str, *args: Any, **kwargs: Any) -> Tuple[str, Callable[..., Any]
         if name not in _REGISTRY and name not in _LAZY_LOADERS:
             continue
         backend = get_backend_object(name)
-        reason = backend.why_not(op, *args, **kwargs)
+        reason = backend.why_not_auto(op, *args, **kwargs)
         if reason is None:
             if reasons:
                 key = (op, name, tuple(reasons))
