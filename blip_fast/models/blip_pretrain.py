@@ -148,31 +148,32 @@ class BLIP_Pretrain(BlipBase):
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
 
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = _unit(self.vision_proj(image_embeds[:, 0, :]))
         text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                         mode="text")
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        text_feat = _unit(self.text_proj(text_output.last_hidden_state[:, 0, :]))
 
         # ============== Image-text contrastive ==============
+        # Features, queues, temperature, similarities and losses stay float32 under autocast.
         with torch.no_grad():
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m = _unit(self.vision_proj_m(image_embeds_m[:, 0, :]))
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m = _unit(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]))
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
 
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
+            sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
             sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
             sim_targets.fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = _similarity(image_feat, text_feat_all, self.temp)
+        sim_t2i = _similarity(text_feat, image_feat_all, self.temp)
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
@@ -198,7 +199,8 @@ class BLIP_Pretrain(BlipBase):
                                        encoder_hidden_states=image_embeds_all, return_dict=True)
         vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * bs, dtype=torch.long, device=image.device)])
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ============== Language modelling ==============
@@ -210,6 +212,17 @@ class BLIP_Pretrain(BlipBase):
                                            return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised float32 features ``(N, D)`` (whatever the autocast dtype of ``x``)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
+    """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        return feat.float() @ feat_all.float() / temp.float()
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:
