@@ -60,3 +60,24 @@ def test_checkpointed_decoder_replays_kernel_dropout(backend):
     assert torch.equal(loss_a, loss_b)
     for a, b in zip(grads_a, grads_b):
         assert rel_err(b, a) < 1e-6
+
+
+def test_torch_compile_traces_the_pretraining_step_whole():
+    """fullgraph=True: no graph break anywhere in forward (dispatch included); same numbers."""
+    torch._dynamo.reset()
+    model = tiny_pretrain(queue_size=8).eval()
+    twin = copy.deepcopy(model)
+    images, tokens = torch.randn(4, 3, IMG, IMG), random_tokens(4, 30)
+    negatives = (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    ref = model(images, tokens, alpha=0.4, hard_negatives=negatives)
+    out = compiled(images, tokens, alpha=0.4, hard_negatives=negatives)
+    sum(ref).backward()
+    sum(out).backward()
+    for a, b in zip(out, ref):
+        assert rel_err(a.detach(), b.detach()) < 1e-5
+    for (n, a), b in zip(twin.named_parameters(), model.parameters()):
+        if b.grad is not None:
+            assert rel_err(a.grad, b.grad) < 1e-4, n
+    assert torch.equal(twin.queue_ptr, model.queue_ptr)
+    assert rel_err(twin.image_queue, model.image_queue) < 1e-6
