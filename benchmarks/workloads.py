@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -57,9 +57,14 @@ class Workload:
     #: one model and frees it before building the next, so peak memory never counts another model.
     model_key: Optional[str] = None
 
+    #: Set by the runner per case: run ``torch.compile(self.model)`` (see :meth:`net`).
+    compiled = False
+    compile_mode: Optional[str] = None
+
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.dtype = "fp32"
+        self._compiled_net: Dict[Optional[str], Tuple[Any, Any]] = {}
         self.detail = ""  # what a peer really ran (attention implementation, kernel)
         self.setup_error: Optional[BaseException] = None
         self._ready = False
@@ -88,7 +93,20 @@ class Workload:
     #: Attributes holding models, optimizers and other memory, dropped by :meth:`teardown`.
     resources = ("model", "optimizer")
 
+    def net(self, method: Optional[str] = None) -> Any:
+        """What :meth:`step` calls: ``self.model`` (or its bound ``method``), or the
+        ``torch.compile`` wrapper of it when the case is a compiled one (built once per model; it
+        shares the parameters)."""
+        fn = self.model if method is None else getattr(self.model, method)
+        if not self.compiled:
+            return fn
+        cached = self._compiled_net.get(method)
+        if cached is None or cached[0] is not self.model:
+            cached = self._compiled_net[method] = (self.model, torch.compile(fn, mode=self.compile_mode))
+        return cached[1]
+
     def teardown(self) -> None:
+        self._compiled_net = {}
         for name in self.resources:
             if hasattr(self, name):
                 setattr(self, name, None)
@@ -171,7 +189,7 @@ class PretrainStep(Workload):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with self.autocast():
-            loss_ita, loss_itm, loss_lm = self.model(image, text, alpha=0.4)
+            loss_ita, loss_itm, loss_lm = self.net()(image, text, alpha=0.4)
             loss = loss_ita + loss_itm + loss_lm
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,7 +235,7 @@ class ItmInference(Workload):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with torch.inference_mode(), self.autocast():
-            self.model(image, text, match_head=self.head)
+            self.net()(image, text, match_head=self.head)
 
     def flops(self, batch: int) -> float:
         s = self.ctx.sizes
@@ -254,7 +272,7 @@ class NlvrStep(Workload):
     def step(self, inputs: Any) -> None:
         images, text, targets = inputs
         with self.autocast():
-            loss = self.model(images, text, targets, train=True)
+            loss = self.net()(images, text, targets, train=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -314,7 +332,7 @@ class VitOnly(EncoderWorkload):
         self.model = self.build_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.net()(x)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         gen = data.generator(self.ctx.device, self.ctx.seed + batch)
@@ -348,7 +366,7 @@ class TextOnly(EncoderWorkload):
                 for _ in range(n_sets)]
 
     def forward(self, text: Any) -> torch.Tensor:
-        return self.model(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
+        return self.net()(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
 
     def items(self, batch: int) -> float:
         return float(batch * self.ctx.sizes.text_len)
