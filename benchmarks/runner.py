@@ -82,6 +82,9 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                         "OpenMP spinning on a shared machine made steps 10-40x slower)")
     p.add_argument("--compile", choices=["off", "also", "only"], default="off",
                    help="also (or only) time every model wrapped in torch.compile; rows get impl '<impl>+compile'")
+    p.add_argument("--cuda-graph", choices=["off", "also", "only"], default="off",
+                   help="also (or only) replay whole training steps from a CUDA graph where the workload "
+                        "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph'")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off by default)")
@@ -349,14 +352,20 @@ class Runner:
             return ["bf16"]
         return ["fp32"]
 
-    def compile_variants(self, backend: Optional[str]) -> List[bool]:
-        """Eager and/or compiled cases (``--compile``); the reference path is never compiled."""
+    def execution_variants(self, w: Workload, backend: Optional[str]) -> List[str]:
+        """How each case runs: "eager", "compile" (``--compile``) and/or "graph" (``--cuda-graph``).
+        The reference path always runs eagerly, as the original does."""
         if backend == "reference":
-            return [False]
-        return {"off": [False], "also": [False, True], "only": [True]}[self.args.compile]
+            return ["eager"]
+        out = ["eager"] if self.args.compile != "only" and self.args.cuda_graph != "only" else []
+        if self.args.compile != "off":
+            out.append("compile")
+        if self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda":
+            out.append("graph")
+        return out or ["eager"]
 
-    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int, bool]]]]:
-        """[(group, [(workload, backend or None, dtype, batch, compiled), ...]), ...] in run order."""
+    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int, str]]]]:
+        """[(group, [(workload, backend or None, dtype, batch, execution), ...]), ...] in run order."""
         plan = []
         for group in self.groups:
             wls = group_workloads(group, self.ctx, self.patterns, self.peers)
@@ -371,8 +380,8 @@ class Runner:
                             for w in ws:
                                 for backend in (self.backends if w.uses_backends else [None]):
                                     if dtype in self.dtypes_for(group, backend):
-                                        for compiled in self.compile_variants(backend):
-                                            cases.append((w, backend, dtype, batch, compiled))
+                                        for execution in self.execution_variants(w, backend):
+                                            cases.append((w, backend, dtype, batch, execution))
             plan.append((group, cases))
         return plan
 
@@ -380,11 +389,11 @@ class Runner:
     def remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int, compiled: bool,
+    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int, execution: str,
                  inputs_cache: Dict[Any, Any], progress: Progress) -> Dict[str, Any]:
-        w.compiled, w.compile_mode = compiled, self.args.compile_mode
+        w.execution, w.compile_mode = execution, self.args.compile_mode
         row: Dict[str, Any] = {
-            "group": w.group, "variant": w.variant, "impl": w.impl + ("+compile" if compiled else ""),
+            "group": w.group, "variant": w.variant, "impl": w.impl + w.execution_suffix,
             "backend": backend if w.uses_backends else w.peer_backend, "label": None,
             "dtype": dtype, "batch": batch, "unit": w.unit, "status": "ok", "reason": None,
         }
@@ -413,7 +422,7 @@ class Runner:
             with backend_scope(backend, self.args.strict_backends):
                 for i in range(self.warmup):
                     inp = sets[i % len(sets)]
-                    if i == 0 and not compiled:  # (tracing would be compiled in, then recompiled out)
+                    if i == 0 and execution == "eager":  # (tracing would be compiled or captured in)
                         with trace_ops() as counts:
                             t = timing.time_step(lambda: w.step(inp), self.device)
                         used = {op: dict(c) for op, c in counts.items()}
@@ -474,7 +483,7 @@ class Runner:
     @staticmethod
     def _label(w: Workload, backend: Optional[str]) -> str:
         base = backend if w.uses_backends and backend else w.label
-        return base + ("+compile" if w.compiled else "")
+        return base + w.execution_suffix
 
     @staticmethod
     def _backend_unused(backend: Optional[str], used: Dict[str, Dict[str, int]]) -> Optional[str]:
@@ -530,8 +539,8 @@ class Runner:
         if self.args.list:
             for group, cases in plan:
                 print(f"{group}:")
-                for w, backend, dtype, batch, compiled in cases:
-                    w.compiled = compiled
+                for w, backend, dtype, batch, execution in cases:
+                    w.execution = execution
                     label = self._label(w, backend)
                     print(f"  {w.variant:28s} {label:40s} {dtype:5s} b={batch}")
             print(f"{total} cases")
@@ -552,11 +561,11 @@ class Runner:
             for group, cases in plan:
                 inputs_cache: Dict[Any, Any] = {}
                 last = None
-                for i, (w, backend, dtype, batch, compiled) in enumerate(cases):
+                for i, (w, backend, dtype, batch, execution) in enumerate(cases):
                     if (w.model_key, w.variant, batch) != last:
                         inputs_cache.clear()
                         last = (w.model_key, w.variant, batch)
-                    self.rows.append(self.run_case(w, backend, dtype, batch, compiled, inputs_cache, progress))
+                    self.rows.append(self.run_case(w, backend, dtype, batch, execution, inputs_cache, progress))
                     self.save_json()
                     if w.model_key is not None and all(c[0].model_key != w.model_key for c in cases[i + 1:]):
                         inputs_cache.clear()

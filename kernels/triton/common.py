@@ -36,6 +36,11 @@ def draw_seed(device: torch.device) -> int:
 
     Drawn on the CPU generator so that no device-to-host synchronisation is needed.
     """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a dropout seed drawn on the host during CUDA-graph capture would replay the same mask on "
+            "every step. Fix: capture with dropout off in the Triton kernels (eval mode or p=0), or use a "
+            "backend whose dropout draws from torch's CUDA generator (sdpa / reference)")
     return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
 
 
