@@ -153,6 +153,11 @@ class Workload:
         return self.impl if not self.detail else f"{self.impl} ({self.detail})"
 
 
+def _shapes(x: Any) -> tuple:
+    from blip_fast.cuda_graph import _flatten
+    return tuple((p, tuple(t.shape)) for p, t in _flatten(x) if isinstance(t, torch.Tensor))
+
+
 def _dispatch_order() -> tuple:
     """The auto order in effect (the runner narrows it for single-backend cases)."""
     from blip_fast.ops import _dispatch
@@ -341,6 +346,8 @@ class NlvrStep(Workload):
 class EncoderWorkload(Workload):
     """A single encoder timed on its own; subclasses build ``self.model`` and define ``forward``."""
 
+    resources = ("model", "optimizer", "graphs")
+
     def __init__(self, ctx: Context, backward: bool):
         super().__init__(ctx)
         self.backward = backward
@@ -349,12 +356,28 @@ class EncoderWorkload(Workload):
     def begin_case(self) -> None:
         self.model.train(self.backward)
 
+    @property
+    def supports_graph(self) -> bool:  # the training step (forward + backward) only
+        return self.backward
+
+    def _fwdbwd(self, x: Any) -> None:
+        with self.autocast():
+            out = self.forward(x)
+        out.float().mean().backward()
+
     def step(self, x: Any) -> None:
-        if self.backward:
+        if self.backward and self.execution == "graph":
+            from blip_fast.cuda_graph import CUDAGraphStep
+
+            key = (_shapes(x), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+            graphs = getattr(self, "graphs", None) or {}
+            if key not in graphs:
+                graphs = {key: CUDAGraphStep(self._fwdbwd, x, params=list(self.model.parameters()))}
+            self.graphs = graphs
+            graphs[key](x)
+        elif self.backward:
             self.model.zero_grad(set_to_none=True)
-            with self.autocast():
-                out = self.forward(x)
-            out.float().mean().backward()
+            self._fwdbwd(x)
         else:
             with torch.inference_mode(), self.autocast():
                 self.forward(x)
