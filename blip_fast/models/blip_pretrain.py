@@ -8,19 +8,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..distributed import concat_all_gather
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
 from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
+from .momentum import MomentumEncoders, enqueue_
 from .vit import create_vit
 
 Tensor = torch.Tensor
 HardNegatives = Tuple[Tensor, Tensor]
 
 
-class BLIP_Pretrain(BlipBase):
+class BLIP_Pretrain(MomentumEncoders, BlipBase):
     """BLIP pretraining model; ``forward(image, caption, alpha) -> (loss_ita, loss_itm, loss_lm)``.
 
     Args (as the original): ``med_config`` (JSON path, dict or BertConfig; default the shipped
@@ -75,40 +75,12 @@ class BLIP_Pretrain(BlipBase):
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
-    # -- momentum encoders and queues ------------------------------------------------------------
-    def _momentum_params(self) -> Tuple[list, list]:
-        online, momentum = [], []
-        for model, model_m in self.model_pairs:
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        return online, momentum
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Initialise the momentum encoders from the online ones and freeze them."""
-        online, momentum = self._momentum_params()
-        for p, p_m in zip(online, momentum):
-            p_m.data.copy_(p.data)
-            p_m.requires_grad = False
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        online, momentum = self._momentum_params()
-        ops.momentum_update(momentum, online, self.momentum)
-
+    # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
-        if batch_size > self.queue_size:
-            raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
-                             f"build the model with queue_size >= the global batch size")
-        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
-        self.image_queue.index_copy_(1, idx, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, idx, text_feats.T.to(self.text_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
+        enqueue_(self.queue_ptr, self.queue_size, [(self.image_queue, concat_all_gather(image_feat)),
+                                                   (self.text_queue, concat_all_gather(text_feat))])
 
     # -- forward ---------------------------------------------------------------------------------
     @staticmethod
