@@ -8,19 +8,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..distributed import concat_all_gather
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
 from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
+from .momentum import MomentumEncoders, enqueue_
 from .vit import create_vit
 
 Tensor = torch.Tensor
 HardNegatives = Tuple[Tensor, Tensor]
 
 
-class BLIP_Pretrain(BlipBase):
+class BLIP_Pretrain(MomentumEncoders, BlipBase):
     """BLIP pretraining model; ``forward(image, caption, alpha) -> (loss_ita, loss_itm, loss_lm)``.
 
     Args (as the original): ``med_config`` (JSON path, dict or BertConfig; default the shipped
@@ -75,40 +75,12 @@ class BLIP_Pretrain(BlipBase):
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
-    # -- momentum encoders and queues ------------------------------------------------------------
-    def _momentum_params(self) -> Tuple[list, list]:
-        online, momentum = [], []
-        for model, model_m in self.model_pairs:
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        return online, momentum
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Initialise the momentum encoders from the online ones and freeze them."""
-        online, momentum = self._momentum_params()
-        for p, p_m in zip(online, momentum):
-            p_m.data.copy_(p.data)
-            p_m.requires_grad = False
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        online, momentum = self._momentum_params()
-        ops.momentum_update(momentum, online, self.momentum)
-
+    # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
-        if batch_size > self.queue_size:
-            raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
-                             f"build the model with queue_size >= the global batch size")
-        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
-        self.image_queue.index_copy_(1, idx, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, idx, text_feats.T.to(self.text_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
+        enqueue_(self.queue_ptr, self.queue_size, [(self.image_queue, concat_all_gather(image_feat)),
+                                                   (self.text_queue, concat_all_gather(text_feat))])
 
     # -- forward ---------------------------------------------------------------------------------
     @staticmethod
@@ -148,31 +120,32 @@ class BLIP_Pretrain(BlipBase):
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
 
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = _unit(self.vision_proj(image_embeds[:, 0, :]))
         text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                         mode="text")
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        text_feat = _unit(self.text_proj(text_output.last_hidden_state[:, 0, :]))
 
         # ============== Image-text contrastive ==============
+        # Features, queues, temperature, similarities and losses stay float32 under autocast.
         with torch.no_grad():
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m = _unit(self.vision_proj_m(image_embeds_m[:, 0, :]))
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m = _unit(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]))
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
 
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
+            sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
             sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
             sim_targets.fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = _similarity(image_feat, text_feat_all, self.temp)
+        sim_t2i = _similarity(text_feat, image_feat_all, self.temp)
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
@@ -181,24 +154,22 @@ class BLIP_Pretrain(BlipBase):
         # ============== Image-text matching ==============
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.enc_token_id
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds, return_dict=True)
         if hard_negatives is None:
             neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        image_embeds_neg = image_embeds[neg_image_idx]
-        text_ids_neg = encoder_input_ids[neg_text_idx]
-        text_atts_neg = text.attention_mask[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        output_neg = self.text_encoder(text_ids_all, attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all, return_dict=True)
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
+        # The positive pairs and the two kinds of negative pairs go through the encoder as ONE batch
+        # of 3B (the original makes a B call and a 2B call: the same function, per sample, with
+        # half the launches). Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
+        arange = torch.arange(bs, device=image.device)
+        image_idx = torch.cat([arange, neg_image_idx, arange])
+        text_idx = torch.cat([arange, arange, neg_text_idx])
+        output_itm = self.text_encoder(encoder_input_ids[text_idx], attention_mask=text.attention_mask[text_idx],
+                                       encoder_hidden_states=image_embeds[image_idx], return_dict=True)
+        vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * bs, dtype=torch.long, device=image.device)])
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ============== Language modelling ==============
@@ -210,6 +181,17 @@ class BLIP_Pretrain(BlipBase):
                                            return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised float32 features ``(N, D)`` (whatever the autocast dtype of ``x``)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
+    """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        return feat.float() @ feat_all.float() / temp.float()
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:
