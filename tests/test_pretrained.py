@@ -7,7 +7,8 @@ from safetensors import safe_open
 
 import blip_fast
 from blip_fast import CheckpointError
-from blip_fast.models import BLIP_ITM, BLIP_NLVR, BLIP_Pretrain, VisionTextDualEncoder
+import blip_fast.models
+from blip_fast.models import BLIP_ITM, BLIP_Pretrain
 from blip_fast.models.pretrained import tied_weight_groups
 from conftest import TINY_MED, TINY_MED_NLVR, TINY_VIT, rel_err
 from test_models import IMG, random_tokens
@@ -74,15 +75,27 @@ def test_ties_the_rebuilt_model_lacks_are_restored(tmp_path):
     assert torch.equal(loaded.text_proj.weight, model.vision_proj.weight)
 
 
-def test_nlvr_and_dual_encoder_round_trip(tmp_path):
+FAMILY = {
+    "BLIP_NLVR": dict(med_config=TINY_MED_NLVR),
+    "BLIP_Decoder": dict(prompt="a photo of "),
+    "BLIP_Retrieval": dict(embed_dim=16, queue_size=8),
+    "BLIP_VQA": {},
+    "BLIP_Base": {},
+    "VisionTextDualEncoder": dict(projection_dim=16, text_pooler="pooler", projection_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_every_model_round_trips(tmp_path, name):
     torch.manual_seed(3)
-    nlvr = BLIP_NLVR(med_config=TINY_MED_NLVR, image_size=IMG, vit=TINY_VIT)
-    assert_same_state(BLIP_NLVR.from_pretrained(nlvr.save_pretrained(tmp_path / "nlvr")), nlvr)
-    dual = VisionTextDualEncoder(vit=TINY_VIT, image_size=IMG, med_config=TINY_MED, projection_dim=16,
-                                 text_pooler="pooler", projection_bias=True)
-    loaded = VisionTextDualEncoder.from_pretrained(dual.save_pretrained(tmp_path / "dual"))
-    assert_same_state(loaded, dual)
-    assert loaded.text_pooler == "pooler" and loaded.text_model.pooler is not None
+    cls = getattr(blip_fast.models, name)
+    model = cls(**dict(dict(med_config=TINY_MED, image_size=IMG, vit=TINY_VIT), **FAMILY[name]))
+    loaded = cls.from_pretrained(model.save_pretrained(tmp_path))
+    assert_same_state(loaded, model)
+    assert loaded.init_args == {**model.init_args, "med_config": loaded.init_args["med_config"]}
+    state = loaded.state_dict()
+    for alias, key in tied_weight_groups(model.state_dict()).items():
+        assert state[alias].data_ptr() == state[key].data_ptr(), alias
 
 
 def test_errors_name_the_problem(tmp_path):
