@@ -97,8 +97,8 @@ def resolve_hub_folder(name: str, revision: Optional[str] = None, cache_dir: Opt
         hint = ("the files are not in the local cache and the hub may not be contacted (local_files_only / "
                 "HF_HUB_OFFLINE=1)" if offline else "is the machine offline, the name misspelt, or the "
                 "repository gated (log in with `hf auth login`)?")
-        raise CheckpointError(f"could not get {name!r} from the Hugging Face Hub: {hint}. Pass a local "
-                              f"folder instead. ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{name!r} is no local file or folder, and could not be fetched from the Hugging "
+                              f"Face Hub: {hint}. Pass a local folder instead. ({type(exc).__name__}: {exc})") from exc
 
 
 def resolve_folder(name_or_path: Union[str, os.PathLike], **hub_kwargs: Any) -> str:
