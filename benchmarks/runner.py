@@ -85,6 +85,8 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", choices=["off", "also", "only"], default="off",
                    help="also (or only) replay whole training steps from a CUDA graph where the workload "
                         "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph'")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="build the pretraining models with every ViT block and BERT layer checkpointed")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode for --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off by default)")
@@ -298,6 +300,7 @@ class Runner:
                 raise SystemExit(f"--dtype takes fp32 and/or bf16, got {bad}")
         self.tokenizer = data.Tokenizer(args.tokenizer)
         self.ctx = Context(self.device, self.sizes, self.tokenizer, seed=args.seed)
+        self.ctx.checkpointing = args.activation_checkpointing
         self.out = args.out
         self.meta = {
             "schema": SCHEMA,

@@ -197,9 +197,16 @@ class PretrainStep(Workload):
 
     def setup(self) -> None:
         s = self.ctx.sizes
+        ckpt = getattr(self.ctx, "checkpointing", False)
+        depth = self.vit_dims.depth
         self.model = _build(lambda: blip_fast.blip_pretrain(image_size=s.pretrain_image, vit=self.vit,
-                                                            queue_size=s.queue_size, **_med_kwargs(s)),
+                                                            queue_size=s.queue_size, vit_grad_ckpt=ckpt,
+                                                            vit_ckpt_layer=depth if ckpt else 0,
+                                                            **_med_kwargs(s)),
                             self.ctx.device)
+        if ckpt:  # every ViT block and every BERT layer recomputed in backward
+            self.model.text_encoder.gradient_checkpointing_enable()
+            self.model.text_decoder.gradient_checkpointing_enable()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)

@@ -75,6 +75,16 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
+    def _decoder_shares_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention keys/values are the encoder's (tied at construction;
+        a wrapper that re-creates parameters could untie them, and then the decoder projects its own)."""
+        for enc, dec in zip(self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer):
+            a, b = enc.crossattention.self, dec.crossattention.self
+            if a.key.weight is not b.key.weight or a.value.weight is not b.value.weight \
+                    or a.key.bias is not b.key.bias or a.value.bias is not b.value.bias:
+                return False
+        return True
+
     # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
@@ -158,14 +168,19 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
             neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        # The positive pairs and the two kinds of negative pairs go through the encoder as ONE batch
-        # of 3B (the original makes a B call and a 2B call: the same function, per sample, with
-        # half the launches). Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
+        # The cross-attention keys/values depend only on the image tokens and the weights, which
+        # the ITM positives, both kinds of negatives and the decoder share (tied): project them once
+        # per layer for the B images and gather rows, instead of re-projecting 4B image batches.
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        # Positives and both kinds of negatives go through the encoder as ONE batch of 3B (the
+        # original makes a B call and a 2B call: the same function per sample, half the launches).
+        # Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
         arange = torch.arange(bs, device=image.device)
         image_idx = torch.cat([arange, neg_image_idx, arange])
         text_idx = torch.cat([arange, arange, neg_text_idx])
         output_itm = self.text_encoder(encoder_input_ids[text_idx], attention_mask=text.attention_mask[text_idx],
-                                       encoder_hidden_states=image_embeds[image_idx], return_dict=True)
+                                       encoder_kv=[(k[image_idx], v[image_idx]) for k, v in image_kv],
+                                       return_dict=True)
         vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
@@ -176,9 +191,10 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
         decoder_input_ids = text.input_ids.clone()
         decoder_input_ids[:, 0] = self.bos_token_id
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.pad_token_id, -100)
+        decoder_kv = image_kv if self._decoder_shares_cross_attention() else None
         decoder_output = self.text_decoder(decoder_input_ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds, labels=decoder_targets,
-                                           return_dict=True)
+                                           encoder_hidden_states=None if decoder_kv is not None else image_embeds,
+                                           encoder_kv=decoder_kv, labels=decoder_targets, return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
 
