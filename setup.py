@@ -48,6 +48,7 @@ setup(
         "transformers>=4.40",
         "numpy",
         "pyyaml",
+        "safetensors",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
@@ -55,6 +56,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "timm"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
+        "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["blip-fast=blip_fast.cli:main"]},
 )

@@ -24,6 +24,7 @@ from .models import (  # noqa: E402
     BLIP_NLVR,
     BLIP_Pretrain,
     BertLMHeadModel,
+    VisionTextDualEncoder,
     BertModel,
     VisionTransformer,
     blip_itm,
@@ -43,6 +44,9 @@ from .models import (  # noqa: E402
 )
 from .generation import GenerationConfig  # noqa: E402
 from .tokenizer import TokenizedText, init_tokenizer, tokenize  # noqa: E402
+from .models.pretrained import PretrainedMixin  # noqa: E402
+
+from_pretrained = PretrainedMixin.from_pretrained  # any model saved with save_pretrained
 
 __all__ = [
     "__version__", "use_backend", "set_backend", "get_backend", "available_backends", "BackendUnavailableError",
@@ -51,4 +55,5 @@ __all__ = [
     "init_tokenizer", "tokenize", "TokenizedText",
     "BLIP_Decoder", "blip_decoder", "BLIP_Retrieval", "blip_retrieval", "BLIP_VQA", "blip_vqa", "BLIP_Base",
     "blip_feature_extractor", "GenerationConfig",
+    "VisionTextDualEncoder", "from_pretrained",
 ]

@@ -8,6 +8,7 @@ from .blip_pretrain import BLIP_Pretrain, blip_pretrain
 from .blip_retrieval import BLIP_Retrieval, blip_retrieval
 from .blip_vqa import BLIP_VQA, blip_vqa
 from .kv_cache import DecoderKVCache
+from .dual_encoder import DualEncoderOutput, VisionTextDualEncoder, clip_loss
 from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
 from .vit import VisionTransformer
 
@@ -17,4 +18,5 @@ __all__ = [
     "BLIP_Base", "blip_feature_extractor", "DecoderKVCache",
     "VisionTransformer", "create_vit", "interpolate_pos_embed", "BertConfig", "BertModel", "BertLMHeadModel",
     "load_med_config", "init_tokenizer", "load_checkpoint", "tie_encoder_decoder_weights",
+    "VisionTextDualEncoder", "DualEncoderOutput", "clip_loss",
 ]

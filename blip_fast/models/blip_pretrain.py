@@ -75,6 +75,16 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
+    def _decoder_shares_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention keys/values are the encoder's (tied at construction;
+        a wrapper that re-creates parameters could untie them, and then the decoder projects its own)."""
+        for enc, dec in zip(self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer):
+            a, b = enc.crossattention.self, dec.crossattention.self
+            if a.key.weight is not b.key.weight or a.value.weight is not b.value.weight \
+                    or a.key.bias is not b.key.bias or a.value.bias is not b.value.bias:
+                return False
+        return True
+
     # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
@@ -120,31 +130,32 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
 
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = _unit(self.vision_proj(image_embeds[:, 0, :]))
         text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                         mode="text")
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        text_feat = _unit(self.text_proj(text_output.last_hidden_state[:, 0, :]))
 
         # ============== Image-text contrastive ==============
+        # Features, queues, temperature, similarities and losses stay float32 under autocast.
         with torch.no_grad():
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m = _unit(self.vision_proj_m(image_embeds_m[:, 0, :]))
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m = _unit(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]))
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
 
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
+            sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
             sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
             sim_targets.fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = _similarity(image_feat, text_feat_all, self.temp)
+        sim_t2i = _similarity(text_feat, image_feat_all, self.temp)
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
@@ -153,35 +164,50 @@ class BLIP_Pretrain(MomentumEncoders, BlipBase):
         # ============== Image-text matching ==============
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.enc_token_id
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds, return_dict=True)
         if hard_negatives is None:
             neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        image_embeds_neg = image_embeds[neg_image_idx]
-        text_ids_neg = encoder_input_ids[neg_text_idx]
-        text_atts_neg = text.attention_mask[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        output_neg = self.text_encoder(text_ids_all, attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all, return_dict=True)
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
+        # The cross-attention keys/values depend only on the image tokens and the weights, which
+        # the ITM positives, both kinds of negatives and the decoder share (tied): project them once
+        # per layer for the B images and gather rows, instead of re-projecting 4B image batches.
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        # Positives and both kinds of negatives go through the encoder as ONE batch of 3B (the
+        # original makes a B call and a 2B call: the same function per sample, half the launches).
+        # Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
+        arange = torch.arange(bs, device=image.device)
+        image_idx = torch.cat([arange, neg_image_idx, arange])
+        text_idx = torch.cat([arange, arange, neg_text_idx])
+        output_itm = self.text_encoder(encoder_input_ids[text_idx], attention_mask=text.attention_mask[text_idx],
+                                       encoder_kv=[(k[image_idx], v[image_idx]) for k, v in image_kv],
+                                       return_dict=True)
+        vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * bs, dtype=torch.long, device=image.device)])
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ============== Language modelling ==============
         decoder_input_ids = text.input_ids.clone()
         decoder_input_ids[:, 0] = self.bos_token_id
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.pad_token_id, -100)
+        decoder_kv = image_kv if self._decoder_shares_cross_attention() else None
         decoder_output = self.text_decoder(decoder_input_ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds, labels=decoder_targets,
-                                           return_dict=True)
+                                           encoder_hidden_states=None if decoder_kv is not None else image_embeds,
+                                           encoder_kv=decoder_kv, labels=decoder_targets, return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised float32 features ``(N, D)`` (whatever the autocast dtype of ``x``)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
+    """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        return feat.float() @ feat_all.float() / temp.float()
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:

@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
-from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -44,6 +43,21 @@ PastKeyValues = Union[Sequence[Tuple[Tensor, Tensor]], DecoderKVCache]
 
 __all__ = ["BertConfig", "load_med_config", "BertModel", "BertLMHeadModel", "BertEmbeddings",
            "BertSelfAttention", "BertLayer", "BertEncoder", "DecoderKVCache"]
+
+
+#: BERT activations by config name (transformers' ACT2FN names; its module costs seconds to import).
+_ACTIVATIONS = {
+    "gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+}
+
+
+def _activation(name_or_fn: Any) -> Any:
+    if not isinstance(name_or_fn, str):
+        return name_or_fn
+    if name_or_fn not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {name_or_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name_or_fn]()
 
 
 def load_med_config(med_config: Union[str, os.PathLike, Dict[str, Any], BertConfig, None] = None,
@@ -338,7 +352,7 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.hidden_act = config.hidden_act
-        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.intermediate_act_fn = _activation(config.hidden_act)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.hidden_act == "gelu":
@@ -494,6 +508,7 @@ class BertModel(BackendSelectable, nn.Module):
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
+        ops.load_backends()  # no first-use imports inside code traced by torch.compile
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
@@ -660,7 +675,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.hidden_act = config.hidden_act
-        self.transform_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.transform_act_fn = _activation(config.hidden_act)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
