@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..distributed import concat_all_gather
+from ..distributed import all_gather_with_grad, concat_all_gather, get_rank
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
@@ -31,6 +31,15 @@ class BLIP_Pretrain(BlipBase):
     The queues accept any global batch size up to ``queue_size`` (the pointer wraps around), and
     the queue update needs no host synchronisation. Without an initialised process group the
     all-gather is the identity.
+
+    ``negative_all_rank`` (default False, the original pretraining): under data parallelism the
+    in-batch contrastive keys and the hard negatives come from this rank's batch only. With True
+    they come from the global batch, as BLIP's retrieval fine-tuning does: the momentum features of
+    every rank join the ITC keys (they carry no gradient, so a plain all-gather suffices) and the
+    ITM negatives are drawn from every rank, with the image embeddings gathered *with* gradient
+    (:func:`blip_fast.distributed.all_gather_with_grad`) so a negative's gradient reaches the rank
+    that encoded it. On one process both settings are the same computation; with N ranks of batch
+    B, ``negative_all_rank=True`` computes exactly what one process does on the N*B batch.
     """
 
     caption_max_length = 30
@@ -38,7 +47,7 @@ class BLIP_Pretrain(BlipBase):
     def __init__(self, med_config: Union[str, Dict[str, Any], BertConfig, None] = "configs/bert_config.json",
                  image_size: int = 224, vit: Union[str, Dict[str, Any]] = "base", vit_grad_ckpt: bool = False,
                  vit_ckpt_layer: int = 0, embed_dim: int = 256, queue_size: int = 57600, momentum: float = 0.995,
-                 tokenizer: Optional[Any] = None):
+                 tokenizer: Optional[Any] = None, negative_all_rank: bool = False):
         super().__init__(tokenizer)
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
@@ -69,6 +78,10 @@ class BLIP_Pretrain(BlipBase):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.queue_size = queue_size
         self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
+        # blip_fast.parallel's FSDP wrapper runs pre_forward_updates() before FSDP gathers the
+        # parameters (updates made to gathered copies would be lost) and turns this off.
+        self.param_updates_in_forward = True
         self.temp = nn.Parameter(0.07 * torch.ones([]))
 
         decoder_config = load_med_config(encoder_config)
@@ -94,13 +107,26 @@ class BLIP_Pretrain(BlipBase):
     @torch.no_grad()
     def _momentum_update(self) -> None:
         online, momentum = self._momentum_params()
+        if any(_is_dtensor(p) for p in online) or any(_is_dtensor(p) for p in momentum):
+            online, momentum = _local_shards(online, momentum)
         ops.momentum_update(momentum, online, self.momentum)
+
+    @torch.no_grad()
+    def pre_forward_updates(self) -> None:
+        """The in-place parameter updates every training forward makes: clamp ``temp`` to
+        [0.001, 0.5] and the momentum update. They read and write parameters only, so running them
+        before the forward (as FSDP needs) gives the same numbers as the original's order."""
+        self.temp.clamp_(0.001, 0.5)
+        self._momentum_update()
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
+        self._enqueue_gathered(concat_all_gather(image_feat), concat_all_gather(text_feat))
+
+    @torch.no_grad()
+    def _enqueue_gathered(self, image_feats: Tensor, text_feats: Tensor) -> None:
+        """Write features already gathered from every rank ``(world * B, D)`` at the pointer."""
         batch_size = image_feats.shape[0]
         if batch_size > self.queue_size:
             raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
@@ -112,17 +138,24 @@ class BLIP_Pretrain(BlipBase):
 
     # -- forward ---------------------------------------------------------------------------------
     @staticmethod
-    def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, batch_size: int) -> HardNegatives:
+    def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, batch_size: int, offset: int = 0) -> HardNegatives:
         """One negative image per text and one negative text per image, drawn in one call each from
-        ``softmax(sim[:, :B]) + 1e-4`` with the diagonal zeroed (no host synchronisation).
+        ``softmax(sim[:, :batch_size]) + 1e-4`` with each row's positive (column ``offset + i``)
+        zeroed (no host synchronisation). ``batch_size``: the number of candidate columns (the
+        local batch, or the global one with ``negative_all_rank``); ``offset``: where this rank's
+        rows start among them.
 
-        Returns ``(neg_image_idx, neg_text_idx)``, each ``(B,)`` int64.
+        Returns ``(neg_image_idx, neg_text_idx)``, each ``(B,)`` int64 indices into the candidates.
         """
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i[:, :batch_size].float(), dim=1) + 1e-4
-            weights_t2i.fill_diagonal_(0)
             weights_i2t = F.softmax(sim_i2t[:, :batch_size].float(), dim=1) + 1e-4
-            weights_i2t.fill_diagonal_(0)
+            if offset == 0:
+                weights_t2i.fill_diagonal_(0)
+                weights_i2t.fill_diagonal_(0)
+            else:
+                weights_t2i[:, offset:].fill_diagonal_(0)
+                weights_i2t[:, offset:].fill_diagonal_(0)
             neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
             neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
         return neg_image_idx, neg_text_idx
@@ -132,7 +165,8 @@ class BLIP_Pretrain(BlipBase):
         """Pretraining losses for images ``(B, 3, S, S)`` and their captions.
 
         ``caption``: B strings (tokenised here with padding to 30) or tokenised text.
-        ``hard_negatives``: optional fixed ``(neg_image_idx, neg_text_idx)`` instead of sampling.
+        ``hard_negatives``: optional fixed ``(neg_image_idx, neg_text_idx)`` instead of sampling
+        (indices into the global batch, rank-major, with ``negative_all_rank``).
         Returns ``(loss_ita, loss_itm, loss_lm)``, float32 scalars.
         """
         with self.backend_context():
@@ -140,9 +174,13 @@ class BLIP_Pretrain(BlipBase):
 
     def _forward(self, image: Tensor, caption: TextInput, alpha: float,
                  hard_negatives: Optional[HardNegatives]) -> Tuple[Tensor, Tensor, Tensor]:
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.param_updates_in_forward:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
         bs = image.shape[0]
+        # With negative_all_rank the in-batch keys / negative candidates are the global batch and
+        # this rank's samples sit at [offset, offset + bs).
+        offset = get_rank() * bs if self.negative_all_rank else 0
         text = self.tokens(caption, image.device, padding="max_length", max_length=self.caption_max_length)
         if text.input_ids.shape[0] != bs:
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
@@ -155,19 +193,24 @@ class BLIP_Pretrain(BlipBase):
 
         # ============== Image-text contrastive ==============
         with torch.no_grad():
-            self._momentum_update()
+            if self.param_updates_in_forward:
+                self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
             text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            image_keys, text_keys = image_feat_m, text_feat_m
+            if self.negative_all_rank:
+                image_keys, text_keys = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+            n_keys = image_keys.shape[0]
+            image_feat_all = torch.cat([image_keys.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_keys.t(), self.text_queue.clone().detach()], dim=1)
 
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
-            sim_targets.fill_diagonal_(1)
+            sim_targets[:, offset:].fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
@@ -176,7 +219,10 @@ class BLIP_Pretrain(BlipBase):
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        if self.negative_all_rank:
+            self._enqueue_gathered(image_keys, text_keys)
+        else:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         # ============== Image-text matching ==============
         encoder_input_ids = text.input_ids.clone()
@@ -184,12 +230,17 @@ class BLIP_Pretrain(BlipBase):
         output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
                                        encoder_hidden_states=image_embeds, return_dict=True)
         if hard_negatives is None:
-            neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
+            neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, n_keys, offset)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        image_embeds_neg = image_embeds[neg_image_idx]
-        text_ids_neg = encoder_input_ids[neg_text_idx]
-        text_atts_neg = text.attention_mask[neg_text_idx]
+        candidate_embeds, candidate_ids, candidate_atts = image_embeds, encoder_input_ids, text.attention_mask
+        if self.negative_all_rank:
+            candidate_embeds = all_gather_with_grad(image_embeds)
+            candidate_ids = concat_all_gather(encoder_input_ids)
+            candidate_atts = concat_all_gather(text.attention_mask)
+        image_embeds_neg = candidate_embeds[neg_image_idx]
+        text_ids_neg = candidate_ids[neg_text_idx]
+        text_atts_neg = candidate_atts[neg_text_idx]
 
         text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
         text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
@@ -210,6 +261,26 @@ class BLIP_Pretrain(BlipBase):
                                            return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def _local_shards(online: list, momentum: list) -> Tuple[list, list]:
+    """The local shards of sharded (FSDP, DTensor) online/momentum parameter pairs, which must be
+    sharded alike so that each rank updates its own shard."""
+    local_online, local_momentum = [], []
+    for i, (p, p_m) in enumerate(zip(online, momentum)):
+        if not (_is_dtensor(p) and _is_dtensor(p_m)) or p.placements != p_m.placements or p.shape != p_m.shape:
+            raise RuntimeError(
+                f"momentum update: online parameter #{i} ({type(p).__name__}, "
+                f"{getattr(p, 'placements', 'not sharded')}) and its momentum copy ({type(p_m).__name__}, "
+                f"{getattr(p_m, 'placements', 'not sharded')}) are not sharded alike; shard the online and "
+                f"momentum encoders the same way (blip_fast.parallel.wrap_model(strategy='fsdp') does)")
+        local_online.append(p.to_local())
+        local_momentum.append(p_m.to_local())
+    return local_online, local_momentum
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:
