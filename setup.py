@@ -35,6 +35,7 @@ setup(
         "blip_fast.ops",
         "blip_fast.models",
         "blip_fast.configs",
+        "blip_fast.parallel",
         "blip_fast._kernels",
         "blip_fast._kernels.triton",
         "blip_fast._benchmarks",

@@ -114,6 +114,23 @@ def _parity_worker(rank, world):
         results[strategy] = {"losses": losses, "norms": norms, "state": full_state(wrapped), "tied": enc is dec,
                              "master_dtypes": {p.dtype for p in wrapped.parameters()},
                              "queues": (model.image_queue.clone(), model.text_queue.clone(), model.queue_ptr.clone())}
+    # bf16 FSDP: parameters gathered in bf16, float32 master weights and gradients
+    model = build(negative_all_rank=True, dropout=False)
+    wrapped = parallel.wrap_model(model, "fsdp", "cpu", mixed_precision="bf16")
+    images, text, negatives = shard(global_batch(0, 4), rank, world)
+    with parallel.autocast("cpu", "bf16"):
+        losses = wrapped(images, text, alpha=0.4, hard_negatives=negatives)
+    sum(losses).backward()
+    results["bf16"] = {"losses": torch.stack(losses).detach().float(),
+                       "dtypes": {(p.dtype, p.grad.dtype) for p in wrapped.parameters() if p.requires_grad}}
+    # the momentum update refuses online/momentum pairs that are not sharded alike
+    from blip_fast.models.blip_pretrain import _local_shards
+    sharded = model.visual_encoder.blocks[0].attn.qkv.weight
+    try:
+        _local_shards([sharded], [sharded.full_tensor()])
+        results["mismatch_error"] = None
+    except RuntimeError as exc:
+        results["mismatch_error"] = str(exc)
     return results
 
 
@@ -145,10 +162,15 @@ def test_ddp_and_fsdp_match_one_process_over_the_global_batch():
         assert (flat(state[k] for k in keys) - flat(ref_state[k] for k in keys)).norm() < 1e-3 * moved
         for a, b in zip(results[0][strategy]["queues"], results[1][strategy]["queues"]):
             assert torch.equal(a, b)  # queues and pointer identical on every rank
+    bf16 = results[0]["bf16"]
+    assert bf16["dtypes"] == {(torch.float32, torch.float32)}
+    assert torch.isfinite(bf16["losses"]).all()
+    torch.testing.assert_close(bf16["losses"], results[0]["fsdp"]["losses"][0], rtol=0.05, atol=0.05)
+    assert "not sharded alike" in results[0]["mismatch_error"]
 
 
 # -- the original semantics (rank-local negatives): invariants --------------------------------------
-def _ddp_default_worker(rank, world):
+def _ddp_default_worker(rank, world, tmp):
     out = {}
     # collectives
     x = torch.arange(6.0).view(3, 2) + 100 * rank
@@ -184,11 +206,16 @@ def _ddp_default_worker(rank, world):
     out["params"] = flat(model.parameters())
     out["momentum_grads"] = [p.grad for p in list(model.visual_encoder_m.parameters())
                              + list(model.text_encoder_m.parameters())]
+    # The multi-GPU benchmark's worker, as torchrun runs it, on this group (tiny sizes, float32)
+    from benchmarks import scaling
+    scaling.run_worker(scaling.parse_args(["--worker", "--device", "cpu", "--tiny", "--batch", "2", "--steps", "2",
+                                           "--warmup", "1", "--no-sync-steps", "1", "--dtype", "fp32",
+                                           "--json", os.path.join(tmp, "scaling.json")]))
     return out
 
 
-def test_ddp_original_semantics_identical_state_on_every_rank():
-    r0, r1 = run_workers(_ddp_default_worker, 2, timeout=180)
+def test_ddp_original_semantics_identical_state_on_every_rank(tmp_path):
+    r0, r1 = run_workers(_ddp_default_worker, 2, str(tmp_path), timeout=180)
     expected = torch.cat([torch.arange(6.0).view(3, 2), torch.arange(6.0).view(3, 2) + 100])
     assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
     weight = torch.arange(12.0).view(6, 2)
@@ -211,6 +238,9 @@ def test_ddp_original_semantics_identical_state_on_every_rank():
     assert torch.equal(r0["image_queue"], queue)
     # find_unused_parameters=False and no error: the frozen momentum encoders are outside DDP's buckets
     assert all(g is None for g in r0["momentum_grads"])
+    bench = __import__("json").loads((tmp_path / "scaling.json").read_text())
+    assert bench["world_size"] == 2 and bench["strategy"] == "ddp" and len(bench["per_rank_median_step_s"]) == 2
+    assert bench["global_img_s"] > 0 and bench["no_sync_median_step_s"] > 0
 
 
 # -- resume ----------------------------------------------------------------------------------------

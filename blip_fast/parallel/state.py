@@ -192,7 +192,7 @@ def _save_sharded(path: str, module: nn.Module, optimizer: Optional[torch.optim.
     state = {"model": get_model_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(module, optimizer)
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist_avail_and_initialized())
     if rng:
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{get_rank()}.pt"))
     if get_rank() == 0:
@@ -223,7 +223,7 @@ def _load_sharded(path: str, module: nn.Module, optimizer: Optional[torch.optim.
     state = {"model": get_model_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(module, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not is_dist_avail_and_initialized())
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, state["model"], options=options)
     if optimizer is not None:
