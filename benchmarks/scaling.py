@@ -203,7 +203,9 @@ def run_worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(device)
     result["torch"] = torch.__version__
-    result["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None
+    if device.type == "cuda":
+        version = torch.cuda.nccl.version()
+        result["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     if env.is_main:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

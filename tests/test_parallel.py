@@ -180,3 +180,21 @@ def test_clip_grad_norm_matches_torch_and_grad_sync_is_a_no_op_on_one_process():
 def test_public_names():
     for name in parallel.__all__:
         assert hasattr(parallel, name)
+
+
+def test_rank_zero_logging(capsys):
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        bdist.setup_logging(logging.INFO)
+        bdist.setup_logging(logging.INFO)  # idempotent: one handler
+        assert sum(getattr(h, "_blip_fast_rank_handler", False) for h in root.handlers) == 1
+        bdist.log_rank0(logging.getLogger("blip_fast.test"), "hello %d", 7)
+        assert "[rank 0] blip_fast.test: hello 7" in capsys.readouterr().err
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)

@@ -20,9 +20,11 @@ numbers, strings and containers of them (state dicts of torch schedulers qualify
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -181,6 +183,14 @@ def _same_world_size(meta: Dict[str, Any], path: str) -> bool:
 
 
 # -- sharded: torch.distributed.checkpoint directory --------------------------------------------
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when there is no process group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _save_sharded(path: str, module: nn.Module, optimizer: Optional[torch.optim.Optimizer], meta: Dict[str, Any],
                   rng: bool) -> None:
     import torch.distributed.checkpoint as dcp
@@ -192,7 +202,8 @@ def _save_sharded(path: str, module: nn.Module, optimizer: Optional[torch.optim.
     state = {"model": get_model_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(module, optimizer)
-    dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist_avail_and_initialized())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not is_dist_avail_and_initialized())
     if rng:
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{get_rank()}.pt"))
     if get_rank() == 0:
@@ -223,7 +234,8 @@ def _load_sharded(path: str, module: nn.Module, optimizer: Optional[torch.optim.
     state = {"model": get_model_state_dict(module)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(module, optimizer)
-    dcp.load(state, checkpoint_id=path, no_dist=not is_dist_avail_and_initialized())
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, no_dist=not is_dist_avail_and_initialized())
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, state["model"], options=options)
     if optimizer is not None:
