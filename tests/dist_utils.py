@@ -26,13 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, device: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from blip_fast.distributed import destroy_distributed, init_distributed
 
-    init_distributed(device="cpu")
+    init_distributed(device=device)  # gloo on the CPU, nccl on GPU ``rank``
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -40,13 +40,16 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         destroy_distributed()
 
 
-def run_workers(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> List[Any]:
-    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, one process per rank."""
+def run_workers(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, device: str = "cpu") -> List[Any]:
+    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, one process per rank.
+
+    ``device='cuda'``: rank r computes on GPU r and the group uses NCCL. Results should be CPU
+    tensors (or plain objects)."""
     with tempfile.TemporaryDirectory() as out_dir:
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"  # read by the children at start-up
         try:
-            ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size,
+            ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), out_dir, device, args), nprocs=world_size,
                                      join=False, start_method="spawn")
         finally:
             if env_threads is None:
