@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..distributed import all_gather_with_grad, concat_all_gather, get_rank
+from ..distributed import all_gather_with_grad, concat_all_gather, get_rank, get_world_size
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
@@ -122,7 +122,7 @@ class BLIP_Pretrain(BlipBase):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
-        self._enqueue_gathered(concat_all_gather(image_feat), concat_all_gather(text_feat))
+        self._enqueue_gathered(*_gather_pair(image_feat, text_feat))
 
     @torch.no_grad()
     def _enqueue_gathered(self, image_feats: Tensor, text_feats: Tensor) -> None:
@@ -202,7 +202,7 @@ class BLIP_Pretrain(BlipBase):
             text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
             image_keys, text_keys = image_feat_m, text_feat_m
             if self.negative_all_rank:
-                image_keys, text_keys = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+                image_keys, text_keys = _gather_pair(image_feat_m, text_feat_m)
             n_keys = image_keys.shape[0]
             image_feat_all = torch.cat([image_keys.t(), self.image_queue.clone().detach()], dim=1)
             text_feat_all = torch.cat([text_keys.t(), self.text_queue.clone().detach()], dim=1)
@@ -236,8 +236,7 @@ class BLIP_Pretrain(BlipBase):
         candidate_embeds, candidate_ids, candidate_atts = image_embeds, encoder_input_ids, text.attention_mask
         if self.negative_all_rank:
             candidate_embeds = all_gather_with_grad(image_embeds)
-            candidate_ids = concat_all_gather(encoder_input_ids)
-            candidate_atts = concat_all_gather(text.attention_mask)
+            candidate_ids, candidate_atts = _gather_pair(encoder_input_ids, text.attention_mask)
         image_embeds_neg = candidate_embeds[neg_image_idx]
         text_ids_neg = candidate_ids[neg_text_idx]
         text_atts_neg = candidate_atts[neg_text_idx]
@@ -261,6 +260,15 @@ class BLIP_Pretrain(BlipBase):
                                            return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _gather_pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """``concat_all_gather`` of two ``(B, *)`` tensors in one collective (in their common dtype)."""
+    if get_world_size() == 1:
+        return a, b
+    joined = concat_all_gather(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
+    first, second = joined.split([a[0].numel(), b[0].numel()], dim=1)
+    return first.reshape((-1,) + a.shape[1:]).to(a.dtype), second.reshape((-1,) + b.shape[1:]).to(b.dtype)
 
 
 def _is_dtensor(t: Tensor) -> bool:
