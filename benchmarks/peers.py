@@ -59,7 +59,7 @@ class TimmVit(VitOnly):
         self.detail = f"{name}, fused_attn={fused}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return self.net("forward_features")(x)
 
 
 # -- transformers ----------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class HfBlipItm(ItmInference):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with torch.inference_mode(), self.autocast():
-            self.model(input_ids=text.input_ids, pixel_values=image, attention_mask=text.attention_mask,
+            self.net()(input_ids=text.input_ids, pixel_values=image, attention_mask=text.attention_mask,
                        use_itm_head=self.head == "itm")
 
 
@@ -125,7 +125,7 @@ class HfBertText(TextOnly):
         self.detail = f"BertModel, attn={impl}"
 
     def forward(self, text: Any) -> torch.Tensor:
-        return self.model(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        return self.net()(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
 
 
 # -- torch SDPA kernels ----------------------------------------------------------------------------

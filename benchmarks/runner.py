@@ -80,6 +80,13 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU intra-op threads (default on CPU: 1; the tiny ops gain nothing from more, and "
                         "OpenMP spinning on a shared machine made steps 10-40x slower)")
+    p.add_argument("--compile", choices=["off", "also", "only"], default="off",
+                   help="also (or only) time every model wrapped in torch.compile; rows get impl '<impl>+compile'")
+    p.add_argument("--cuda-graph", choices=["off", "also", "only"], default="off",
+                   help="also (or only) replay whole training steps from a CUDA graph where the workload "
+                        "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph'")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off by default)")
     p.add_argument("--no-matmul", action="store_true", help="skip the bf16 matmul-rate measurement")
     p.add_argument("--git-commit", help="commit to record (default: $BLIP_FAST_GIT_COMMIT or git rev-parse)")
@@ -345,8 +352,20 @@ class Runner:
             return ["bf16"]
         return ["fp32"]
 
-    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int]]]]:
-        """[(group, [(workload, backend or None, dtype, batch), ...]), ...] in run order."""
+    def execution_variants(self, w: Workload, backend: Optional[str]) -> List[str]:
+        """How each case runs: "eager", "compile" (``--compile``) and/or "graph" (``--cuda-graph``).
+        The reference path always runs eagerly, as the original does."""
+        if backend == "reference":
+            return ["eager"]
+        out = ["eager"] if self.args.compile != "only" and self.args.cuda_graph != "only" else []
+        if self.args.compile != "off":
+            out.append("compile")
+        if self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda":
+            out.append("graph")
+        return out or ["eager"]
+
+    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int, str]]]]:
+        """[(group, [(workload, backend or None, dtype, batch, execution), ...]), ...] in run order."""
         plan = []
         for group in self.groups:
             wls = group_workloads(group, self.ctx, self.patterns, self.peers)
@@ -361,7 +380,8 @@ class Runner:
                             for w in ws:
                                 for backend in (self.backends if w.uses_backends else [None]):
                                     if dtype in self.dtypes_for(group, backend):
-                                        cases.append((w, backend, dtype, batch))
+                                        for execution in self.execution_variants(w, backend):
+                                            cases.append((w, backend, dtype, batch, execution))
             plan.append((group, cases))
         return plan
 
@@ -369,15 +389,16 @@ class Runner:
     def remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int,
+    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int, execution: str,
                  inputs_cache: Dict[Any, Any], progress: Progress) -> Dict[str, Any]:
+        w.execution, w.compile_mode = execution, self.args.compile_mode
         row: Dict[str, Any] = {
-            "group": w.group, "variant": w.variant, "impl": w.impl,
+            "group": w.group, "variant": w.variant, "impl": w.impl + w.execution_suffix,
             "backend": backend if w.uses_backends else w.peer_backend, "label": None,
             "dtype": dtype, "batch": batch, "unit": w.unit, "status": "ok", "reason": None,
         }
         tag = row["backend"]
-        progress.start(f"{w.group} {w.variant} {w.impl}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
+        progress.start(f"{w.group} {w.variant} {row['impl']}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
         rem = self.remaining()
         if (rem is not None and rem <= 0) or self.fatal:
             why = self.fatal or "time budget exhausted"
@@ -401,7 +422,7 @@ class Runner:
             with backend_scope(backend, self.args.strict_backends):
                 for i in range(self.warmup):
                     inp = sets[i % len(sets)]
-                    if i == 0:
+                    if i == 0 and execution == "eager":  # (tracing would be compiled or captured in)
                         with trace_ops() as counts:
                             t = timing.time_step(lambda: w.step(inp), self.device)
                         used = {op: dict(c) for op, c in counts.items()}
@@ -461,7 +482,8 @@ class Runner:
 
     @staticmethod
     def _label(w: Workload, backend: Optional[str]) -> str:
-        return backend if w.uses_backends and backend else w.label
+        base = backend if w.uses_backends and backend else w.label
+        return base + w.execution_suffix
 
     @staticmethod
     def _backend_unused(backend: Optional[str], used: Dict[str, Dict[str, int]]) -> Optional[str]:
@@ -517,8 +539,10 @@ class Runner:
         if self.args.list:
             for group, cases in plan:
                 print(f"{group}:")
-                for w, backend, dtype, batch in cases:
-                    print(f"  {w.variant:28s} {self._label(w, backend):40s} {dtype:5s} b={batch}")
+                for w, backend, dtype, batch, execution in cases:
+                    w.execution = execution
+                    label = self._label(w, backend)
+                    print(f"  {w.variant:28s} {label:40s} {dtype:5s} b={batch}")
             print(f"{total} cases")
             torch.set_num_threads(self._threads_before)
             return 0
@@ -537,11 +561,11 @@ class Runner:
             for group, cases in plan:
                 inputs_cache: Dict[Any, Any] = {}
                 last = None
-                for i, (w, backend, dtype, batch) in enumerate(cases):
+                for i, (w, backend, dtype, batch, execution) in enumerate(cases):
                     if (w.model_key, w.variant, batch) != last:
                         inputs_cache.clear()
                         last = (w.model_key, w.variant, batch)
-                    self.rows.append(self.run_case(w, backend, dtype, batch, inputs_cache, progress))
+                    self.rows.append(self.run_case(w, backend, dtype, batch, execution, inputs_cache, progress))
                     self.save_json()
                     if w.model_key is not None and all(c[0].model_key != w.model_key for c in cases[i + 1:]):
                         inputs_cache.clear()
@@ -550,7 +574,7 @@ class Runner:
                         self.ctx.drop(w.model_key)
                         timing.free_memory(self.device)
                 inputs_cache.clear()
-                for w in {id(w): w for w, _, _, _ in cases}.values():
+                for w in {id(c[0]): c[0] for c in cases}.values():
                     w.teardown()
                 self.ctx.clear()
                 timing.free_memory(self.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -57,9 +57,25 @@ class Workload:
     #: one model and frees it before building the next, so peak memory never counts another model.
     model_key: Optional[str] = None
 
+    #: Set by the runner per case: "eager", "compile" (``torch.compile(self.model)``, see
+    #: :meth:`net`) or "graph" (the whole step replayed from a CUDA graph, where supported).
+    execution = "eager"
+    compile_mode: Optional[str] = None
+    #: Whether :meth:`step` can run as one captured CUDA graph (``--cuda-graph``).
+    supports_graph = False
+
+    @property
+    def compiled(self) -> bool:
+        return self.execution == "compile"
+
+    @property
+    def execution_suffix(self) -> str:
+        return "" if self.execution == "eager" else "+" + self.execution
+
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.dtype = "fp32"
+        self._compiled_net: Dict[Optional[str], Tuple[Any, Any]] = {}
         self.detail = ""  # what a peer really ran (attention implementation, kernel)
         self.setup_error: Optional[BaseException] = None
         self._ready = False
@@ -88,7 +104,20 @@ class Workload:
     #: Attributes holding models, optimizers and other memory, dropped by :meth:`teardown`.
     resources = ("model", "optimizer")
 
+    def net(self, method: Optional[str] = None) -> Any:
+        """What :meth:`step` calls: ``self.model`` (or its bound ``method``), or the
+        ``torch.compile`` wrapper of it when the case is a compiled one (built once per model; it
+        shares the parameters)."""
+        fn = self.model if method is None else getattr(self.model, method)
+        if not self.compiled:
+            return fn
+        cached = self._compiled_net.get(method)
+        if cached is None or cached[0] is not self.model:
+            cached = self._compiled_net[method] = (self.model, torch.compile(fn, mode=self.compile_mode))
+        return cached[1]
+
     def teardown(self) -> None:
+        self._compiled_net = {}
         for name in self.resources:
             if hasattr(self, name):
                 setattr(self, name, None)
@@ -122,6 +151,12 @@ class Workload:
     @property
     def label(self) -> str:
         return self.impl if not self.detail else f"{self.impl} ({self.detail})"
+
+
+def _dispatch_order() -> tuple:
+    """The auto order in effect (the runner narrows it for single-backend cases)."""
+    from blip_fast.ops import _dispatch
+    return tuple(_dispatch.AUTO_ORDER)
 
 
 def _build(fn: Callable[[], torch.nn.Module], device: torch.device) -> torch.nn.Module:
@@ -168,14 +203,43 @@ class PretrainStep(Workload):
         return data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.pretrain_image, s.pretrain_len,
                                     self.ctx.device, self.ctx.seed + batch)
 
+    supports_graph = True
+    resources = ("model", "optimizer", "graph_optimizer", "graphs")
+
     def step(self, inputs: Any) -> None:
         image, text = inputs
-        with self.autocast():
-            loss_ita, loss_itm, loss_lm = self.model(image, text, alpha=0.4)
-            loss = loss_ita + loss_itm + loss_lm
+        if self.execution == "graph":
+            self._graphed(image, text)
+            return
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self._train_step(image, text, 0.4, self.optimizer)
+
+    def _train_step(self, image: Any, text: Any, alpha: Any, optimizer: torch.optim.Optimizer) -> Any:
+        with self.autocast():
+            losses = self.net()(image, text, alpha=alpha)
+        sum(losses).backward()
+        optimizer.step()
+        return losses
+
+    def _graphed(self, image: Any, text: Any) -> None:
+        """The step replayed from a CUDA graph captured on first use for this shape and dtype, with
+        a capturable AdamW over the same parameters (its own moments: a separate optimiser)."""
+        from blip_fast.cuda_graph import CUDAGraphStep
+
+        if getattr(self, "graphs", None) is None:
+            self.graphs = {}
+        key = (tuple(image.shape), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+        if key not in self.graphs:
+            self.graphs.clear()  # one captured step (and its memory pool) at a time
+            if getattr(self, "graph_optimizer", None) is None:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.graph_optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, capturable=True)
+            alpha = torch.full((), 0.4, device=image.device)
+            self.graphs[key] = (CUDAGraphStep(
+                lambda i, t, a: self._train_step(i, t, a, self.graph_optimizer), image, text, alpha,
+                optimizer=self.graph_optimizer), alpha)
+        graph, alpha = self.graphs[key]
+        graph(image, text, alpha)
 
     def cleanup(self) -> None:
         if getattr(self, "optimizer", None) is not None:
@@ -217,7 +281,7 @@ class ItmInference(Workload):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with torch.inference_mode(), self.autocast():
-            self.model(image, text, match_head=self.head)
+            self.net()(image, text, match_head=self.head)
 
     def flops(self, batch: int) -> float:
         s = self.ctx.sizes
@@ -254,7 +318,7 @@ class NlvrStep(Workload):
     def step(self, inputs: Any) -> None:
         images, text, targets = inputs
         with self.autocast():
-            loss = self.model(images, text, targets, train=True)
+            loss = self.net()(images, text, targets, train=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -314,7 +378,7 @@ class VitOnly(EncoderWorkload):
         self.model = self.build_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.net()(x)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         gen = data.generator(self.ctx.device, self.ctx.seed + batch)
@@ -348,7 +412,7 @@ class TextOnly(EncoderWorkload):
                 for _ in range(n_sets)]
 
     def forward(self, text: Any) -> torch.Tensor:
-        return self.model(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
+        return self.net()(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
 
     def items(self, batch: int) -> float:
         return float(batch * self.ctx.sizes.text_len)

@@ -1,5 +1,6 @@
 """Backend selection: context manager, process default, environment variable, errors, fallback."""
 import logging
+import os
 
 import pytest
 import torch
@@ -86,3 +87,21 @@ def test_available_backends_reports_reasons():
     avail = blip_fast.available_backends()
     assert avail["reference"] is None and avail["sdpa"] is None
     assert "triton" in avail
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter case")
+def test_auto_leaves_the_triton_interpreter_to_explicit_requests():
+    from blip_fast.ops import _dispatch
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    if _dispatch.get_backend_object("triton").unavailable_reason is not None:
+        pytest.skip("triton not importable here")
+    q = torch.randn(1, 2, 5, 16)
+    name, _ = _dispatch.resolve("attention", q, q, q)
+    assert name != "triton"
+    with blip_fast.use_backend("triton"):
+        name, _ = _dispatch.resolve("attention", q, q, q)
+        assert name == "triton"
+        out = blip_fast.ops.attention(q, q, q)
+    with blip_fast.use_backend("reference"):
+        ref = blip_fast.ops.attention(q, q, q)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -149,13 +149,9 @@ class BLIP_Pretrain(BlipBase):
         """
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i[:, :batch_size].float(), dim=1) + 1e-4
+            weights_t2i[:, offset:].fill_diagonal_(0)
             weights_i2t = F.softmax(sim_i2t[:, :batch_size].float(), dim=1) + 1e-4
-            if offset == 0:
-                weights_t2i.fill_diagonal_(0)
-                weights_i2t.fill_diagonal_(0)
-            else:
-                weights_t2i[:, offset:].fill_diagonal_(0)
-                weights_i2t[:, offset:].fill_diagonal_(0)
+            weights_i2t[:, offset:].fill_diagonal_(0)
             neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
             neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
         return neg_image_idx, neg_text_idx
@@ -186,20 +182,21 @@ class BLIP_Pretrain(BlipBase):
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
 
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = _unit(self.vision_proj(image_embeds[:, 0, :]))
         text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                         mode="text")
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        text_feat = _unit(self.text_proj(text_output.last_hidden_state[:, 0, :]))
 
         # ============== Image-text contrastive ==============
+        # Features, queues, temperature, similarities and losses stay float32 under autocast.
         with torch.no_grad():
             if self.param_updates_in_forward:
                 self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_m = _unit(self.vision_proj_m(image_embeds_m[:, 0, :]))
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_m = _unit(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]))
             image_keys, text_keys = image_feat_m, text_feat_m
             if self.negative_all_rank:
                 image_keys, text_keys = _gather_pair(image_feat_m, text_feat_m)
@@ -207,15 +204,15 @@ class BLIP_Pretrain(BlipBase):
             image_feat_all = torch.cat([image_keys.t(), self.image_queue.clone().detach()], dim=1)
             text_feat_all = torch.cat([text_keys.t(), self.text_queue.clone().detach()], dim=1)
 
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
+            sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
             sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
             sim_targets[:, offset:].fill_diagonal_(1)
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = _similarity(image_feat, text_feat_all, self.temp)
+        sim_t2i = _similarity(text_feat, image_feat_all, self.temp)
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
@@ -227,28 +224,27 @@ class BLIP_Pretrain(BlipBase):
         # ============== Image-text matching ==============
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.enc_token_id
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds, return_dict=True)
         if hard_negatives is None:
             neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, n_keys, offset)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
+        # The positive pairs and the two kinds of negative pairs go through the encoder as ONE batch
+        # of 3B (the original makes a B call and a 2B call: the same function, per sample, with
+        # half the launches). Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
+        # Indices are into the candidates: this rank's batch, or the global one (negative_all_rank).
         candidate_embeds, candidate_ids, candidate_atts = image_embeds, encoder_input_ids, text.attention_mask
         if self.negative_all_rank:
             candidate_embeds = all_gather_with_grad(image_embeds)
             candidate_ids, candidate_atts = _gather_pair(encoder_input_ids, text.attention_mask)
-        image_embeds_neg = candidate_embeds[neg_image_idx]
-        text_ids_neg = candidate_ids[neg_text_idx]
-        text_atts_neg = candidate_atts[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        output_neg = self.text_encoder(text_ids_all, attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all, return_dict=True)
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
+        own = torch.arange(offset, offset + bs, device=image.device)
+        image_idx = torch.cat([own, neg_image_idx, own])
+        text_idx = torch.cat([own, own, neg_text_idx])
+        output_itm = self.text_encoder(candidate_ids[text_idx], attention_mask=candidate_atts[text_idx],
+                                       encoder_hidden_states=candidate_embeds[image_idx], return_dict=True)
+        vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * bs, dtype=torch.long, device=image.device)])
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ============== Language modelling ==============
@@ -260,6 +256,17 @@ class BLIP_Pretrain(BlipBase):
                                            return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised float32 features ``(N, D)`` (whatever the autocast dtype of ``x``)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
+    """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        return feat.float() @ feat_all.float() / temp.float()
 
 
 def _gather_pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:

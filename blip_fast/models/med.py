@@ -412,6 +412,7 @@ class BertModel(BackendSelectable, nn.Module):
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
+        ops.load_backends()  # no first-use imports inside code traced by torch.compile
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import torch
+
 logger = logging.getLogger("blip_fast.ops")
 
 ENV_VAR = "BLIP_FAST_BACKEND"
@@ -45,13 +47,17 @@ class Backend:
     ``ops`` maps an op name to its implementation; ``checks`` maps an op name to a function with
     the op's signature that returns None when the call is supported, else a reason string.
     ``unavailable_reason`` is set when the backend cannot run at all in this process (a missing
-    package, no GPU), with the fix in the message.
+    package, no GPU), with the fix in the message. ``auto_checks`` hold extra conditions that
+    apply only when ``auto`` chooses: calls the backend *can* run but where another backend is
+    the better pick (measured slower at that shape, or the Triton CPU interpreter, which is a
+    test tool); an explicit request still gets the backend.
     """
 
     name: str
     ops: Dict[str, Callable[..., Any]] = field(default_factory=dict)
     checks: Dict[str, SupportCheck] = field(default_factory=dict)
     unavailable_reason: Optional[str] = None
+    auto_checks: Dict[str, SupportCheck] = field(default_factory=dict)
 
     def why_not(self, op: str, *args: Any, **kwargs: Any) -> Optional[str]:
         """None when this backend can run ``op`` on these arguments, else the reason."""
@@ -62,6 +68,14 @@ class Backend:
         check = self.checks.get(op)
         return check(*args, **kwargs) if check is not None else None
 
+    def why_not_auto(self, op: str, *args: Any, **kwargs: Any) -> Optional[str]:
+        """Like :meth:`why_not`, plus the conditions under which ``auto`` prefers another backend."""
+        reason = self.why_not(op, *args, **kwargs)
+        if reason is None:
+            check = self.auto_checks.get(op)
+            reason = check(*args, **kwargs) if check is not None else None
+        return reason
+
 
 _REGISTRY: Dict[str, Backend] = {}
 _LAZY_LOADERS: Dict[str, Callable[[], Backend]] = {}
@@ -70,6 +84,13 @@ _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar
 )
 _process_default: Optional[str] = None
 _logged_fallbacks: set = set()
+# torch.compile cannot trace ContextVar.get: traced code reads this mirror of the use_backend
+# nesting instead (dynamo guards on it, so a different selection recompiles).
+_traced_stack: List[str] = []
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -97,6 +118,13 @@ def get_backend_object(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def load_backends() -> None:
+    """Build every lazily registered backend now (models call this when constructed, so that
+    code traced by ``torch.compile`` never meets a first-use import)."""
+    for name in list(_LAZY_LOADERS):
+        get_backend_object(name)
+
+
 def known_backends() -> List[str]:
     """Every backend name blip_fast knows about, available here or not."""
     return sorted(set(_REGISTRY) | set(_LAZY_LOADERS))
@@ -121,7 +149,7 @@ def set_backend(name: Optional[str]) -> None:
 
 def get_backend() -> str:
     """The backend name in effect here: context, then process default, then env var, then auto."""
-    name = _context_backend.get()
+    name = (_traced_stack[-1] if _traced_stack else None) if _compiling() else _context_backend.get()
     if name is not None:
         return name
     if _process_default is not None:
@@ -142,9 +170,11 @@ def use_backend(name: Optional[str]) -> Iterator[str]:
         yield get_backend()
         return
     token = _context_backend.set(_validate(name))
+    _traced_stack.append(name)
     try:
         yield name
     finally:
+        _traced_stack.pop()
         _context_backend.reset(token)
 
 
@@ -166,9 +196,9 @@ def resolve(op: str, *args: Any, **kwargs: Any) -> Tuple[str, Callable[..., Any]
         if name not in _REGISTRY and name not in _LAZY_LOADERS:
             continue
         backend = get_backend_object(name)
-        reason = backend.why_not(op, *args, **kwargs)
+        reason = backend.why_not_auto(op, *args, **kwargs)
         if reason is None:
-            if reasons:
+            if reasons and not _compiling():
                 key = (op, name, tuple(reasons))
                 if key not in _logged_fallbacks:
                     _logged_fallbacks.add(key)

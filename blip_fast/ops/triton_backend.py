@@ -69,4 +69,12 @@ def load() -> Backend:
             return reason
 
         checks[op] = check
-    return Backend("triton", ops=ops, checks=checks)
+    auto_checks = {op: _auto_check for op in ops}
+    return Backend("triton", ops=ops, checks=checks, auto_checks=auto_checks)
+
+
+def _auto_check(*args, **kwargs) -> str | None:
+    if _interpreting():
+        return ("the Triton CPU interpreter is a test tool, far slower than the other backends; "
+                "select it explicitly with blip_fast.use_backend('triton') to use it")
+    return None
