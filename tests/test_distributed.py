@@ -279,7 +279,7 @@ def test_ddp_original_semantics_identical_state_on_every_rank(tmp_path):
 
 
 # -- resume ----------------------------------------------------------------------------------------
-RESUME_STEPS, SAVE_AFTER = 4, 2
+RESUME_STEPS, SAVE_AFTER = 3, 2
 
 
 def resume_run(strategy, rank, world, steps, seed, load_from=None, save_to=None):

@@ -149,9 +149,14 @@ class BLIP_Pretrain(BlipBase):
         """
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i[:, :batch_size].float(), dim=1) + 1e-4
-            weights_t2i[:, offset:].fill_diagonal_(0)
             weights_i2t = F.softmax(sim_i2t[:, :batch_size].float(), dim=1) + 1e-4
-            weights_i2t[:, offset:].fill_diagonal_(0)
+            if offset == 0:
+                weights_t2i.fill_diagonal_(0)
+                weights_i2t.fill_diagonal_(0)
+            else:
+                positives = _positives(weights_t2i, offset)
+                weights_t2i.masked_fill_(positives, 0)
+                weights_i2t.masked_fill_(positives, 0)
             neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
             neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
         return neg_image_idx, neg_text_idx
@@ -206,8 +211,11 @@ class BLIP_Pretrain(BlipBase):
 
             sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
             sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
-            sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
-            sim_targets[:, offset:].fill_diagonal_(1)
+            if offset == 0:
+                sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
+                sim_targets.fill_diagonal_(1)
+            else:
+                sim_targets = _positives(sim_i2t_m, offset).float()
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
@@ -267,6 +275,12 @@ def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
     """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
     with torch.autocast(device_type=feat.device.type, enabled=False):
         return feat.float() @ feat_all.float() / temp.float()
+
+
+def _positives(scores: Tensor, offset: int) -> Tensor:
+    """Boolean ``(B, N)`` mask, True at row ``i``'s positive column ``offset + i``."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return torch.arange(scores.shape[1], device=scores.device)[None, :] == (rows + offset)[:, None]
 
 
 def _gather_pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
