@@ -35,10 +35,10 @@ IMG, LEN, EMBED = 32, 16, 16
 MED_NO_DROPOUT = dict(TINY_MED, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def build(negative_all_rank=False, dropout=True, queue_size=10, seed=0):
+def build(negative_all_rank=False, dropout=True, queue_size=10, seed=0, **kw):
     torch.manual_seed(seed)
     return BLIP_Pretrain(med_config=TINY_MED if dropout else MED_NO_DROPOUT, image_size=IMG, vit=TINY_VIT,
-                         embed_dim=EMBED, queue_size=queue_size, negative_all_rank=negative_all_rank)
+                         embed_dim=EMBED, queue_size=queue_size, negative_all_rank=negative_all_rank, **kw)
 
 
 def global_batch(step, n, lengths=(12, 9)):
@@ -117,6 +117,10 @@ def _parity_worker(rank, world, device="cpu"):
         results[strategy] = {"losses": losses, "norms": norms, "state": full_state(wrapped), "tied": enc is dec,
                              "master_dtypes": {p.dtype for p in wrapped.parameters()},
                              "queues": (model.image_queue.cpu(), model.text_queue.cpu(), model.queue_ptr.cpu())}
+    # FSDP with activation checkpointing (ViT blocks and BERT layers recomputed in backward)
+    model = build(negative_all_rank=True, dropout=False, vit_grad_ckpt=True, vit_ckpt_layer=2)
+    model.text_encoder.gradient_checkpointing_enable()
+    results["fsdp_checkpointing"] = parity_run(model, parallel.wrap_model(model, "fsdp", device), rank, world, device)[0]
     # bf16 FSDP: parameters gathered in bf16, float32 master weights and gradients
     model = build(negative_all_rank=True, dropout=False)
     wrapped = parallel.wrap_model(model, "fsdp", device, mixed_precision="bf16")
@@ -179,6 +183,7 @@ def check_parity(results, device, tol):
 def test_ddp_and_fsdp_match_one_process_over_the_global_batch():
     results = run_workers(_parity_worker, 2, timeout=240)
     check_parity(results, "cpu", tol=1e-5)
+    torch.testing.assert_close(results[0]["fsdp_checkpointing"], results[0]["fsdp"]["losses"], rtol=1e-6, atol=1e-6)
     bf16 = results[0]["bf16"]
     assert bf16["dtypes"] == {(torch.float32, torch.float32)}
     assert torch.isfinite(bf16["losses"]).all()
