@@ -36,6 +36,8 @@ setup(
         "blip_fast.models",
         "blip_fast.configs",
         "blip_fast.parallel",
+        "blip_fast.generation",
+        "blip_fast.interop",
         "blip_fast._kernels",
         "blip_fast._kernels.triton",
         "blip_fast._benchmarks",

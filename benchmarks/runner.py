@@ -32,8 +32,8 @@ from blip_fast.ops import _dispatch
 from . import compare as compare_mod
 from . import config as cfg
 from . import data, env, peers, report, timing
-from .workloads import (AttentionOp, Context, ItmInference, NlvrStep, PretrainStep, TextOnly, VitOnly,
-                        Workload, attention_shapes)
+from .workloads import (AttentionOp, CaptionGenerate, Context, ItmInference, NlvrStep, PretrainStep, TextOnly,
+                        VitOnly, Workload, attention_shapes)
 
 SCHEMA = 1
 
@@ -226,6 +226,8 @@ def group_workloads(group: str, ctx: Context, patterns: List[str], peer_names: L
         own = [TextOnly(ctx, backward=False), TextOnly(ctx, backward=True)]
     elif group == "attention":
         own = [AttentionOp(ctx, p, bwd) for p in patterns for bwd in (False, True)]
+    elif group == "caption":
+        own = [CaptionGenerate(ctx)]
     else:
         raise ValueError(group)
     return own + peers.peer_workloads(group, ctx, peer_names, patterns)
@@ -456,6 +458,9 @@ class Runner:
                 "flops_per_step": flops_step, "tflops": flops_step / median_s / 1e12 if flops_step else None,
                 "peak_mem_bytes": peak, "mem_kind": mem_kind, "ops_used": used,
             })
+            details = w.details(batch)
+            if details:
+                row["details"] = details
             matmul = self.meta.get("matmul") or {}
             if row["tflops"] and matmul.get("tflops"):
                 row["mfu"] = row["tflops"] / matmul["tflops"]

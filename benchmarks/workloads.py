@@ -148,9 +148,18 @@ class Workload:
     def shape(self, batch: int) -> Dict[str, Any]:
         return {}
 
+    def details(self, batch: int) -> Dict[str, Any]:
+        """What the timed steps did, recorded with the row after timing (e.g. tokens generated)."""
+        return {}
+
     @property
     def label(self) -> str:
         return self.impl if not self.detail else f"{self.impl} ({self.detail})"
+
+
+def _shapes(x: Any) -> tuple:
+    from blip_fast.cuda_graph import _flatten
+    return tuple((p, tuple(t.shape)) for p, t in _flatten(x) if isinstance(t, torch.Tensor))
 
 
 def _dispatch_order() -> tuple:
@@ -341,6 +350,8 @@ class NlvrStep(Workload):
 class EncoderWorkload(Workload):
     """A single encoder timed on its own; subclasses build ``self.model`` and define ``forward``."""
 
+    resources = ("model", "optimizer", "graphs")
+
     def __init__(self, ctx: Context, backward: bool):
         super().__init__(ctx)
         self.backward = backward
@@ -349,12 +360,28 @@ class EncoderWorkload(Workload):
     def begin_case(self) -> None:
         self.model.train(self.backward)
 
+    @property
+    def supports_graph(self) -> bool:  # the training step (forward + backward) only
+        return self.backward
+
+    def _fwdbwd(self, x: Any) -> None:
+        with self.autocast():
+            out = self.forward(x)
+        out.float().mean().backward()
+
     def step(self, x: Any) -> None:
-        if self.backward:
+        if self.backward and self.execution == "graph":
+            from blip_fast.cuda_graph import CUDAGraphStep
+
+            key = (_shapes(x), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+            graphs = getattr(self, "graphs", None) or {}
+            if key not in graphs:
+                graphs = {key: CUDAGraphStep(self._fwdbwd, x, params=list(self.model.parameters()))}
+            self.graphs = graphs
+            graphs[key](x)
+        elif self.backward:
             self.model.zero_grad(set_to_none=True)
-            with self.autocast():
-                out = self.forward(x)
-            out.float().mean().backward()
+            self._fwdbwd(x)
         else:
             with torch.inference_mode(), self.autocast():
                 self.forward(x)
@@ -499,3 +526,60 @@ class AttentionOp(Workload):
 
     def shape(self, batch: int) -> Dict[str, Any]:
         return dict(self.spec(batch))
+
+
+# -- BLIP_Decoder captioning -------------------------------------------------------------------------
+class CaptionGenerate(Workload):
+    """Captions of random images by beam search, image encoder included (tokens, not strings).
+
+    On the ``reference`` backend this is the reference path: the original's algorithm (self-attention
+    ``past_key_values`` tuples, cross-attention keys/values of the image tokens recomputed at every
+    step for every beam, per-input Python loops in beam search). On any other backend it is the fast
+    path (cross-attention keys/values once per batch, in-place cache, device-side search, CUDA
+    graphs on GPUs).
+    """
+
+    group = "caption"
+    variant = "beam3"
+    unit = "captions/s"
+    model_key = "blip_decoder"
+
+    def setup(self) -> None:
+        s = self.ctx.sizes
+        self.model = self.ctx.shared("blip_decoder", lambda: _build(
+            lambda: blip_fast.blip_decoder(image_size=s.caption_image, vit=s.vit_base, **_med_kwargs(s)).eval(),
+            self.ctx.device))
+        self.lengths: List[int] = []
+
+    def begin_case(self) -> None:
+        self.lengths = []
+        self.decoding = None
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        gen = data.generator(self.ctx.device, self.ctx.seed + 11 * batch)
+        return [data.images(batch, self.ctx.sizes.caption_image, self.ctx.device, gen) for _ in range(n_sets)]
+
+    def generate(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.ctx.sizes
+        self.decoding = "original" if ops.get_backend() == "reference" else "fast"
+        return self.model.generate_ids(images, num_beams=s.caption_beams, max_length=s.caption_max_length,
+                                       min_length=s.caption_min_length, decoding=self.decoding)
+
+    def step(self, images: torch.Tensor) -> None:
+        with torch.inference_mode(), self.autocast():
+            ids = self.generate(images)
+        if len(self.lengths) < 64:  # reading the length synchronises: keep it out of most steps
+            self.lengths.append(int(ids.shape[1]))
+
+    def details(self, batch: int) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"output_lengths_seen": sorted(set(self.lengths))}
+        if getattr(self, "decoding", None):
+            out["decoding"] = self.decoding
+        return out
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [batch, 3, s.caption_image, s.caption_image], "vit": _vit_name(s.vit_base),
+                "num_beams": s.caption_beams, "max_length": s.caption_max_length, "min_length": s.caption_min_length,
+                "prompt": "[DEC] a picture of"}
+

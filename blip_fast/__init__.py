@@ -31,6 +31,17 @@ from .models import (  # noqa: E402
     blip_pretrain,
     create_vit,
 )
+from .models import (  # noqa: E402
+    BLIP_VQA,
+    BLIP_Base,
+    BLIP_Decoder,
+    BLIP_Retrieval,
+    blip_decoder,
+    blip_feature_extractor,
+    blip_retrieval,
+    blip_vqa,
+)
+from .generation import GenerationConfig  # noqa: E402
 from .tokenizer import TokenizedText, init_tokenizer, tokenize  # noqa: E402
 
 __all__ = [
@@ -38,4 +49,6 @@ __all__ = [
     "BLIP_Pretrain", "blip_pretrain", "BLIP_ITM", "blip_itm", "BLIP_NLVR", "blip_nlvr", "VisionTransformer",
     "create_vit", "BertModel", "BertLMHeadModel", "load_checkpoint", "LoadReport", "CheckpointError",
     "init_tokenizer", "tokenize", "TokenizedText",
+    "BLIP_Decoder", "blip_decoder", "BLIP_Retrieval", "blip_retrieval", "BLIP_VQA", "blip_vqa", "BLIP_Base",
+    "blip_feature_extractor", "GenerationConfig",
 ]

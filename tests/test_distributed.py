@@ -131,7 +131,7 @@ def _parity_worker(rank, world, device="cpu"):
     results["bf16"] = {"losses": torch.stack(losses).detach().float().cpu(),
                        "dtypes": {(p.dtype, p.grad.dtype) for p in wrapped.parameters() if p.requires_grad}}
     # the momentum update refuses online/momentum pairs that are not sharded alike
-    from blip_fast.models.blip_pretrain import _local_shards
+    from blip_fast.models.momentum import _local_shards
     sharded = model.visual_encoder.blocks[0].attn.qkv.weight
     try:
         _local_shards([sharded], [sharded.full_tensor()])

@@ -5,10 +5,10 @@ Run on a CUDA machine: ``python -m pytest -q -m gpu tests/test_gpu_parity.py``. 
 is the pure-PyTorch ``reference`` backend on the CPU in float32. Dropout is off (probabilities 0)
 so both sides compute the same function; hard negatives are fixed.
 
-Tolerances (relative error ||gpu - cpu|| / ||cpu||, float64):
+Tolerances (relative error ||gpu - cpu|| / ||cpu||, float64), or 1.25x the distance of the reference
+path run on the GPU in the same precision where that is larger (see _compare):
   float32 fast path: 1e-4 for losses/outputs and for every parameter group's gradient;
-  bfloat16 autocast:  3e-2 for losses/outputs, 6e-2 for gradients (bf16 has an 8-bit mantissa; the
-  reference under the same autocast on the GPU lands at the same distance).
+  bfloat16 autocast:  3e-2 for losses/outputs, 6e-2 for gradients (bf16 has an 8-bit mantissa).
 """
 import copy
 
@@ -55,17 +55,31 @@ def _run(model, device, dtype, backend, fn):
 
 
 def _compare(build, fn, dtype):
+    """Fast path on the GPU against the reference path on the CPU in float32.
+
+    The bound is TOL[dtype], or 1.25x the distance of the reference path itself run on the GPU in
+    the same precision where that is larger (e.g. cuBLAS summation order through 8 layers): the
+    fast path must be no less accurate than the reference path on the same hardware.
+    """
     torch.manual_seed(0)
     cpu_model = build()
     gpu_model = copy.deepcopy(cpu_model).cuda()
+    gpu_ref_model = copy.deepcopy(cpu_model).cuda()
     ref_out, ref_grads = _run(cpu_model, torch.device("cpu"), torch.float32, "reference", fn)
     out, grads = _run(gpu_model, torch.device("cuda"), dtype, "auto", fn)
+    base_out, base_grads = _run(gpu_ref_model, torch.device("cuda"), dtype, "reference", fn)
     tol_out, tol_grad = TOL[dtype]
-    for i, (a, b) in enumerate(zip(out, ref_out)):
-        assert rel_err(a, b) < tol_out, (i, rel_err(a, b))
+    report = []
+    for i, (a, b, c) in enumerate(zip(out, ref_out, base_out)):
+        err, base = rel_err(a, b), rel_err(c, b)
+        report.append(f"output {i}: fast {err:.2e}, gpu reference {base:.2e}")
+        assert err < max(tol_out, 1.25 * base), report
     assert grads.keys() == ref_grads.keys()
     for g in grads:
-        assert rel_err(grads[g], ref_grads[g]) < tol_grad, (g, rel_err(grads[g], ref_grads[g]))
+        err, base = rel_err(grads[g], ref_grads[g]), rel_err(base_grads[g], ref_grads[g])
+        report.append(f"grad {g}: fast {err:.2e}, gpu reference {base:.2e}")
+        assert err < max(tol_grad, 1.25 * base), report
+    print("\n".join(report))
     return cpu_model, gpu_model
 
 

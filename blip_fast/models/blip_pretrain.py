@@ -8,19 +8,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
 from ..distributed import all_gather_with_grad, concat_all_gather, get_rank, get_world_size
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
 from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
+from .momentum import MomentumEncoders, enqueue_
 from .vit import create_vit
 
 Tensor = torch.Tensor
 HardNegatives = Tuple[Tensor, Tensor]
 
 
-class BLIP_Pretrain(BlipBase):
+class BLIP_Pretrain(MomentumEncoders, BlipBase):
     """BLIP pretraining model; ``forward(image, caption, alpha) -> (loss_ita, loss_itm, loss_lm)``.
 
     Args (as the original): ``med_config`` (JSON path, dict or BertConfig; default the shipped
@@ -79,46 +79,23 @@ class BLIP_Pretrain(BlipBase):
         self.queue_size = queue_size
         self.momentum = momentum
         self.negative_all_rank = negative_all_rank
-        # blip_fast.parallel's FSDP wrapper runs pre_forward_updates() before FSDP gathers the
-        # parameters (updates made to gathered copies would be lost) and turns this off.
-        self.param_updates_in_forward = True
         self.temp = nn.Parameter(0.07 * torch.ones([]))
 
         decoder_config = load_med_config(encoder_config)
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
-    # -- momentum encoders and queues ------------------------------------------------------------
-    def _momentum_params(self) -> Tuple[list, list]:
-        online, momentum = [], []
-        for model, model_m in self.model_pairs:
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        return online, momentum
+    def _decoder_shares_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention keys/values are the encoder's (tied at construction;
+        a wrapper that re-creates parameters could untie them, and then the decoder projects its own)."""
+        for enc, dec in zip(self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer):
+            a, b = enc.crossattention.self, dec.crossattention.self
+            if a.key.weight is not b.key.weight or a.value.weight is not b.value.weight \
+                    or a.key.bias is not b.key.bias or a.value.bias is not b.value.bias:
+                return False
+        return True
 
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Initialise the momentum encoders from the online ones and freeze them."""
-        online, momentum = self._momentum_params()
-        for p, p_m in zip(online, momentum):
-            p_m.data.copy_(p.data)
-            p_m.requires_grad = False
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        online, momentum = self._momentum_params()
-        if any(_is_dtensor(p) for p in online) or any(_is_dtensor(p) for p in momentum):
-            online, momentum = _local_shards(online, momentum)
-        ops.momentum_update(momentum, online, self.momentum)
-
-    @torch.no_grad()
-    def pre_forward_updates(self) -> None:
-        """The in-place parameter updates every training forward makes: clamp ``temp`` to
-        [0.001, 0.5] and the momentum update. They read and write parameters only, so running them
-        before the forward (as FSDP needs) gives the same numbers as the original's order."""
-        self.temp.clamp_(0.001, 0.5)
-        self._momentum_update()
-
+    # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
@@ -127,14 +104,7 @@ class BLIP_Pretrain(BlipBase):
     @torch.no_grad()
     def _enqueue_gathered(self, image_feats: Tensor, text_feats: Tensor) -> None:
         """Write features already gathered from every rank ``(world * B, D)`` at the pointer."""
-        batch_size = image_feats.shape[0]
-        if batch_size > self.queue_size:
-            raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
-                             f"build the model with queue_size >= the global batch size")
-        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
-        self.image_queue.index_copy_(1, idx, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, idx, text_feats.T.to(self.text_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
+        enqueue_(self.queue_ptr, self.queue_size, [(self.image_queue, image_feats), (self.text_queue, text_feats)])
 
     # -- forward ---------------------------------------------------------------------------------
     @staticmethod
@@ -175,7 +145,7 @@ class BLIP_Pretrain(BlipBase):
 
     def _forward(self, image: Tensor, caption: TextInput, alpha: float,
                  hard_negatives: Optional[HardNegatives]) -> Tuple[Tensor, Tensor, Tensor]:
-        if self.param_updates_in_forward:
+        if self.param_updates_in_forward:  # else done before the forward (FSDP)
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
         bs = image.shape[0]
@@ -236,19 +206,30 @@ class BLIP_Pretrain(BlipBase):
             neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, n_keys, offset)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        # The positive pairs and the two kinds of negative pairs go through the encoder as ONE batch
-        # of 3B (the original makes a B call and a 2B call: the same function, per sample, with
-        # half the launches). Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
-        # Indices are into the candidates: this rank's batch, or the global one (negative_all_rank).
-        candidate_embeds, candidate_ids, candidate_atts = image_embeds, encoder_input_ids, text.attention_mask
+        # The cross-attention keys/values depend only on the image tokens and the weights, which
+        # the ITM positives, both kinds of negatives and the decoder share (tied): project them once
+        # per layer for the B images and gather rows, instead of re-projecting 4B image batches.
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        # Positives and both kinds of negatives go through the encoder as ONE batch of 3B (the
+        # original makes a B call and a 2B call: the same function per sample, half the launches).
+        # Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
         if self.negative_all_rank:
-            candidate_embeds = all_gather_with_grad(image_embeds)
-            candidate_ids, candidate_atts = _gather_pair(encoder_input_ids, text.attention_mask)
-        own = torch.arange(offset, offset + bs, device=image.device)
-        image_idx = torch.cat([own, neg_image_idx, own])
-        text_idx = torch.cat([own, own, neg_text_idx])
-        output_itm = self.text_encoder(candidate_ids[text_idx], attention_mask=candidate_atts[text_idx],
-                                       encoder_hidden_states=candidate_embeds[image_idx], return_dict=True)
+            # Negatives from the global batch (indices into it): the chosen images' embeddings are
+            # gathered with gradient (a negative's gradient reaches the rank that encoded it) and
+            # projected here; the positives reuse this rank's keys/values.
+            neg_kv = self.text_encoder.precompute_cross_kv(all_gather_with_grad(image_embeds)[neg_image_idx])
+            itm_kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
+                      for (k, v), (k_neg, v_neg) in zip(image_kv, neg_kv)]
+            all_ids, all_atts = _gather_pair(encoder_input_ids, text.attention_mask)
+            itm_ids = torch.cat([encoder_input_ids, encoder_input_ids, all_ids[neg_text_idx]])
+            itm_atts = torch.cat([text.attention_mask, text.attention_mask, all_atts[neg_text_idx]])
+        else:
+            arange = torch.arange(bs, device=image.device)
+            image_idx = torch.cat([arange, neg_image_idx, arange])
+            text_idx = torch.cat([arange, arange, neg_text_idx])
+            itm_kv = [(k[image_idx], v[image_idx]) for k, v in image_kv]
+            itm_ids, itm_atts = encoder_input_ids[text_idx], text.attention_mask[text_idx]
+        output_itm = self.text_encoder(itm_ids, attention_mask=itm_atts, encoder_kv=itm_kv, return_dict=True)
         vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
         itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
@@ -259,9 +240,10 @@ class BLIP_Pretrain(BlipBase):
         decoder_input_ids = text.input_ids.clone()
         decoder_input_ids[:, 0] = self.bos_token_id
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.pad_token_id, -100)
+        decoder_kv = image_kv if self._decoder_shares_cross_attention() else None
         decoder_output = self.text_decoder(decoder_input_ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds, labels=decoder_targets,
-                                           return_dict=True)
+                                           encoder_hidden_states=None if decoder_kv is not None else image_embeds,
+                                           encoder_kv=decoder_kv, labels=decoder_targets, return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
 
@@ -290,26 +272,6 @@ def _gather_pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     joined = concat_all_gather(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
     first, second = joined.split([a[0].numel(), b[0].numel()], dim=1)
     return first.reshape((-1,) + a.shape[1:]).to(a.dtype), second.reshape((-1,) + b.shape[1:]).to(b.dtype)
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return hasattr(t, "to_local") and hasattr(t, "placements")
-
-
-def _local_shards(online: list, momentum: list) -> Tuple[list, list]:
-    """The local shards of sharded (FSDP, DTensor) online/momentum parameter pairs, which must be
-    sharded alike so that each rank updates its own shard."""
-    local_online, local_momentum = [], []
-    for i, (p, p_m) in enumerate(zip(online, momentum)):
-        if not (_is_dtensor(p) and _is_dtensor(p_m)) or p.placements != p_m.placements or p.shape != p_m.shape:
-            raise RuntimeError(
-                f"momentum update: online parameter #{i} ({type(p).__name__}, "
-                f"{getattr(p, 'placements', 'not sharded')}) and its momentum copy ({type(p_m).__name__}, "
-                f"{getattr(p_m, 'placements', 'not sharded')}) are not sharded alike; shard the online and "
-                f"momentum encoders the same way (blip_fast.parallel.wrap_model(strategy='fsdp') does)")
-        local_online.append(p.to_local())
-        local_momentum.append(p_m.to_local())
-    return local_online, local_momentum
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:
