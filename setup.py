@@ -35,6 +35,7 @@ setup(
         "blip_fast.ops",
         "blip_fast.models",
         "blip_fast.configs",
+        "blip_fast.parallel",
         "blip_fast.generation",
         "blip_fast.interop",
         "blip_fast._kernels",

@@ -110,8 +110,9 @@ class BLIP_Retrieval(MomentumEncoders, BlipBase):
 
     def _forward(self, image: Tensor, caption: TextInput, alpha: float, idx: Tensor,
                  hard_negatives: Optional[HardNegatives]) -> Tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.param_updates_in_forward:  # else done before the forward (FSDP)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
         bs = image.shape[0]
         text = self.tokens(caption, image.device, padding="max_length", max_length=self.caption_max_length)
         if text.input_ids.shape[0] != bs or idx.numel() != bs:
@@ -131,7 +132,8 @@ class BLIP_Retrieval(MomentumEncoders, BlipBase):
         sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
 
         with torch.no_grad():
-            self._momentum_update()
+            if self.param_updates_in_forward:
+                self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
             image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
