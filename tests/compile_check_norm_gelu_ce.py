@@ -53,12 +53,12 @@ def _ptxas_info(ptx: str) -> str:
     return ""
 
 
-def compile_kernel(kernel, types: dict, constexprs: dict, num_warps: int) -> str:
+def compile_kernel(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
     """Compile ``kernel`` for sm_90; ``types`` maps each runtime argument to a triton type."""
     names = inspect.signature(kernel.fn).parameters
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=TARGET, options={"num_warps": num_warps})
+                              target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     return _ptxas_info(compiled.asm["ptx"])
 
 

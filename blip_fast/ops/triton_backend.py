@@ -3,7 +3,8 @@
 
 Each kernel module exports the op under the name of the op in :mod:`blip_fast.ops` with the
 same signature, and optionally ``why_not_<op>(...)`` returning None when it can run the call or
-the reason it cannot (for example an unsupported head dimension). Missing modules simply leave
+the reason it cannot (for example an unsupported head dimension), and ``<op>_impl``, the op
+without its own argument checks, which dispatch calls after running ``why_not_<op>``. Missing modules simply leave
 that op to the next backend under ``auto``.
 """
 from __future__ import annotations
@@ -59,7 +60,9 @@ def load() -> Backend:
         fn = getattr(mod, op, None)
         if fn is None:
             continue
-        ops[op] = fn
+        # ``<op>_impl`` skips the argument checks that dispatch already ran through the checks
+        # below (``why_not_<op>``): host time counts on every eager call.
+        ops[op] = getattr(mod, f"{op}_impl", fn)
         kernel_check = getattr(mod, f"why_not_{op}", None)
 
         def check(*args, _kernel_check=kernel_check, **kwargs):

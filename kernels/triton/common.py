@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -31,12 +31,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def draw_seed(device: torch.device) -> int:
-    """A dropout seed drawn from torch's RNG (reproducible under ``torch.manual_seed``).
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed: a one-element int64 tensor on ``device``, drawn from torch's generator
+    of that device (reproducible under ``torch.manual_seed``).
 
-    Drawn on the CPU generator so that no device-to-host synchronisation is needed.
+    The kernels read the seed from memory, so a captured CUDA graph replays with a fresh seed
+    each time (torch advances its CUDA generator's Philox offset per replay) and the backward,
+    which receives the same tensor, regenerates the forward's mask. Activation checkpointing
+    restores the generator state before recomputing, so the recomputation draws the same seed.
     """
-    return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
+
+
+def seed_tensor(seed: "int | torch.Tensor | None", device: torch.device) -> torch.Tensor:
+    """``seed`` as the one-element int64 device tensor the kernels read (drawn when None)."""
+    if seed is None:
+        return draw_seed(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"a dropout seed tensor must hold one int32/int64 element, got "
+                             f"{seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 @triton.jit
@@ -97,18 +113,177 @@ def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                order: Optional[Sequence[int]] = None) -> torch.Tensor:
     """An uninitialised kernel output of logical ``shape``.
 
-    ``order`` lays memory out as ``shape`` permuted by ``order`` (outermost first) and returns
-    the view in logical order; e.g. ``order=(0, 2, 1, 3)`` stores a ``(B, H, L, D)`` tensor as
-    ``(B, L, H, D)``, which a following ``transpose(1, 2).reshape(B, L, H * D)`` reads for free.
+    ``order`` lays memory out as ``shape`` permuted by ``order`` (outermost first); e.g.
+    ``order=(0, 2, 1, 3)`` stores a ``(B, H, L, D)`` tensor as ``(B, L, H, D)``, which a
+    following ``transpose(1, 2).reshape(B, L, H * D)`` reads for free. One allocation call,
+    no view on top (every torch call costs host time on the launch path).
     """
-    order = tuple(range(len(shape))) if order is None else tuple(order)
-    physical = [shape[i] for i in order]
+    shape = tuple(shape)
+    out = torch.empty_strided(shape, _strides_for(shape, None if order is None else tuple(order)),
+                              dtype=dtype, device=device)
     if POISON_OUTPUTS:
-        buf = torch.full(physical, float("nan"), dtype=dtype, device=device)
-    else:
-        buf = torch.empty(physical, dtype=dtype, device=device)
-    inverse = [order.index(i) for i in range(len(shape))]
-    return buf.permute(inverse)
+        out.fill_(float("nan"))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _strides_for(shape: Tuple[int, ...], order: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    """Strides of ``shape`` stored in the dimension order ``order`` (None: row-major)."""
+    order = tuple(range(len(shape))) if order is None else order
+    strides = [0] * len(shape)
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(1, shape[dim])
+    return tuple(strides)
+
+
+# --------------------------------------------------------------------------------------------
+# Direct launches
+# --------------------------------------------------------------------------------------------
+
+#: Set to 0 to launch every kernel through triton's JIT (``kernel[grid](...)``) on every call.
+DIRECT_LAUNCH_ENV = "BLIP_FAST_TRITON_DIRECT_LAUNCH"
+#: Set to 1 to check, on every direct launch, that the arguments specialise exactly as they did
+#: when the kernel was compiled (the key each wrapper builds must capture every specialisation).
+CHECK_LAUNCH_ENV = "BLIP_FAST_TRITON_CHECK_LAUNCH"
+
+
+def _direct_launch_supported() -> bool:
+    """Triton >= 3.3 calls ``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata,
+    launch_metadata, enter_hook, exit_hook, *every_argument)``; older layouts take the JIT path."""
+    if os.environ.get(DIRECT_LAUNCH_ENV, "1") == "0" or interpreting():
+        return False
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 3)
+
+
+def _launch_hooks_active() -> bool:
+    """True while a profiler (e.g. proton) hooks kernel launches: those go through the JIT."""
+    try:
+        runtime = triton.knobs.runtime
+    except AttributeError:
+        return True
+    hook = runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def specialization(args: Sequence[Any]) -> Tuple[Any, ...]:
+    """What triton's JIT specialises on, per argument: a tensor's dtype and 16-byte alignment,
+    an integer being 1, a multiple of 16 or beyond 32 bits. Slow (a Python loop); the launch
+    path uses keys built by each wrapper and this only to check them (:data:`CHECK_LAUNCH_ENV`)."""
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            spec.append(type(a))
+        else:
+            spec.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+    return tuple(spec)
+
+
+class LaunchPlan:
+    """Everything about one launch that a wrapper's cache key determines: grid, compile-time
+    arguments and options; after the first launch, the compiled kernel's direct-launch handles."""
+
+    __slots__ = ("grid", "constexprs", "options", "direct", "spec", "extra")
+
+    def __init__(self, grid: Tuple[int, ...], constexprs: Dict[str, Any], num_warps: int,
+                 num_stages: Optional[int] = None, extra: Any = None):
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.constexprs = constexprs
+        self.options = {"num_warps": num_warps}
+        if num_stages is not None:
+            self.options["num_stages"] = num_stages
+        self.direct = None
+        self.spec = None
+        self.extra = extra  # anything else the wrapper wants to keep with the plan
+
+
+class KernelLauncher:
+    """Launches one ``@triton.jit`` kernel from a :class:`LaunchPlan`.
+
+    The first launch of a plan goes through the JIT (``kernel[grid](*args, **constexprs)``),
+    which compiles or finds the kernel; later launches call the compiled kernel's launcher
+    directly, skipping the JIT's per-call argument binding, specialisation, cache-key hashing
+    and launch-hook bookkeeping (tens of microseconds of host time per launch). The caller's
+    plan cache key must determine every specialisation (see :func:`specialization`): the shapes
+    and strides passed as integers and the 16-byte alignment of every tensor argument.
+    Constexpr parameters must come after the runtime ones in the kernel signature.
+    """
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+        self._direct = None  # decided on first use (the interpreter may be switched on late)
+        self._get_device = self._get_stream = None
+
+    def __call__(self, plan: LaunchPlan, args: Sequence[Any]) -> None:
+        direct = plan.direct
+        if direct is not None and not _launch_hooks_active():
+            if _CHECK_LAUNCH and specialization(args) != plan.spec:
+                raise RuntimeError(f"{self.kernel.__name__}: a direct launch would reuse a kernel "
+                                   f"compiled for other argument properties ({plan.spec} vs "
+                                   f"{specialization(args)}); the wrapper's plan key is incomplete")
+            run, function, packed, consts = direct
+            grid = plan.grid
+            run(grid[0], grid[1], grid[2], self._get_stream(self._get_device()), function, packed,
+                None, None, None, *args, *consts)
+            return
+        compiled = self.kernel[plan.grid](*args, **plan.constexprs, **plan.options)
+        if self._direct is None:
+            self._direct = _direct_launch_supported()
+            if self._direct:
+                from triton.runtime import driver
+                self._get_device = driver.active.get_current_device
+                self._get_stream = driver.active.get_current_stream
+        if self._direct and plan.direct is None:
+            plan.direct = self._handles(compiled, plan, args)
+            plan.spec = specialization(args)
+
+    def _handles(self, compiled: Any, plan: LaunchPlan, args: Sequence[Any]):
+        """``(run, function, packed_metadata, constexpr values)`` or None if unusable."""
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        run = getattr(compiled, "run", None)
+        function = getattr(compiled, "function", None)
+        packed = getattr(compiled, "packed_metadata", None)
+        names = list(self.kernel.arg_names)
+        tail = names[len(args):]
+        if run is None or function is None or packed is None or set(tail) != set(plan.constexprs):
+            return None
+        signature = getattr(getattr(compiled, "src", None), "signature", None)
+        if signature is not None and len(signature) != len(names):
+            return None  # an argument layout this code does not know
+        return run, function, packed, tuple(plan.constexprs[n] for n in tail)
+
+
+_CHECK_LAUNCH = os.environ.get(CHECK_LAUNCH_ENV, "0") == "1"
+
+
+def set_launch_checks(enabled: bool) -> None:
+    """Turn the per-launch specialisation check of :class:`KernelLauncher` on or off (tests)."""
+    global _CHECK_LAUNCH
+    _CHECK_LAUNCH = enabled
+
+
+def align16(t: torch.Tensor) -> bool:
+    """Whether ``t``'s data pointer is 16-byte aligned (part of every plan key)."""
+    return t.data_ptr() % 16 == 0
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: the wrappers then call the registered custom ops."""
+    return _is_compiling()
+
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # pragma: no cover - old torch
+    def _is_compiling() -> bool:
+        return False
 
 
 def interpreting() -> bool:
