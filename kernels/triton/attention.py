@@ -705,13 +705,16 @@ def _bucket(n: int) -> int:
 
 
 # The built-in choices below are the fastest candidates measured on an H100 (bf16, D = 64, see
-# benchmarks/notes_attention.md); register and shared-memory use was checked for D up to 128.
+# benchmarks/notes_attention.md). At D = 128 they are the D = 64 blocks that compile without
+# register spills for sm_90 (ptxas through tests/compile_check_attention.py).
 
 def _fwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> FwdConfig:
     """Built-in forward blocks for sm_90."""
     if dtype == torch.float32:  # float32 dots run on the FMA units: small tiles, fewer registers
         return FwdConfig(32, 32, 4, 2)
     bucket = _bucket(lq)
+    if d > 64:
+        return FwdConfig(128, 32, 8, 3) if bucket >= 128 else FwdConfig(min(bucket, 64), 32, 4, 3)
     if bucket >= 1024:
         return FwdConfig(64, 64, 4, 3)
     if bucket >= 128:
@@ -723,13 +726,15 @@ def _fwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> FwdConfig:
 
 def _bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> BwdConfig:
     """Built-in blocks of the two-kind backward for sm_90."""
-    if dtype == torch.float32:
+    if dtype == torch.float32 or d > 64:
         return BwdConfig(32, 32, 32, 32, 4, 2)
     return BwdConfig(32, 64, 64, 32, 4, 3)
 
 
 def _short_bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> ShortBwdConfig:
     """Built-in blocks of the one-program-per-head backward for sm_90."""
+    if d > 64 and dtype != torch.float32:
+        return ShortBwdConfig(32, 8, 2) if lq <= 32 else ShortBwdConfig(16, 8, 2)
     if dtype == torch.float32 or d > 64 or lq > 32:
         return ShortBwdConfig(32, 4, 2)  # 64 x 64 float32 tiles would spill
     return ShortBwdConfig(64 if lk > 32 else 32, 4, 2)
@@ -918,7 +923,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     lk = k.shape[2]
     dropout = dropout_p > 0.0
     short = _short_backward(q)
-    inline_delta = INLINE_DELTA and d <= INLINE_DELTA_MAX_D and q.dtype != torch.float32
+    inline_delta = INLINE_DELTA and (_INTERPRET or (d <= INLINE_DELTA_MAX_D and q.dtype != torch.float32))
     qs, ks, vs, os_, gs = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
     ms = (0, 0) if kpm is None else kpm.stride()
     key = (q.get_device(), q.dtype, batch, heads, lq, lk, d, qs, ks, vs, os_, gs,

@@ -190,10 +190,11 @@ class LaunchPlan:
     """Everything about one launch that a wrapper's cache key determines: grid, compile-time
     arguments and options; after the first launch, the compiled kernel's direct-launch handles."""
 
-    __slots__ = ("grid", "constexprs", "options", "direct", "spec", "extra")
+    __slots__ = ("grid", "constexprs", "options", "direct", "spec", "extra", "on_compiled")
 
     def __init__(self, grid: Tuple[int, ...], constexprs: Dict[str, Any], num_warps: int,
-                 num_stages: Optional[int] = None, extra: Any = None):
+                 num_stages: Optional[int] = None, extra: Any = None,
+                 on_compiled: Optional[Callable[["LaunchPlan", Any], None]] = None):
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.constexprs = constexprs
         self.options = {"num_warps": num_warps}
@@ -202,6 +203,12 @@ class LaunchPlan:
         self.direct = None
         self.spec = None
         self.extra = extra  # anything else the wrapper wants to keep with the plan
+        # Called once with the compiled kernel after the first launch (e.g. to size a
+        # persistent grid from the registers the kernel actually uses).
+        self.on_compiled = on_compiled
+
+    def set_grid(self, grid: Tuple[int, ...]) -> None:
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
 
 
 class KernelLauncher:
@@ -243,6 +250,9 @@ class KernelLauncher:
         if self._direct and plan.direct is None:
             plan.direct = self._handles(compiled, plan, args)
             plan.spec = specialization(args)
+        if plan.on_compiled is not None:
+            hook, plan.on_compiled = plan.on_compiled, None
+            hook(plan, compiled)
 
     def _handles(self, compiled: Any, plan: LaunchPlan, args: Sequence[Any]):
         """``(run, function, packed_metadata, constexpr values)`` or None if unusable."""
@@ -269,6 +279,33 @@ def set_launch_checks(enabled: bool) -> None:
     _CHECK_LAUNCH = enabled
 
 
+def resident_programs_per_sm(compiled: Any, num_warps: int, device: torch.device) -> Optional[int]:
+    """How many programs of ``compiled`` (a triton CompiledKernel) one SM holds at once, from
+    its registers and shared memory; None when the kernel does not say (e.g. the interpreter).
+
+    Persistent grids use it: one program more per SM than fit runs as a second, mostly empty wave.
+    """
+    n_regs = getattr(compiled, "n_regs", None)
+    if not n_regs or device.type != "cuda":
+        return None
+    props = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    regs_per_warp = -(-n_regs * 32 // 256) * 256  # allocated per warp in units of 256
+    warps = min(props["regs_per_sm"] // regs_per_warp, props["threads_per_sm"] // 32)
+    programs = warps // num_warps
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0) or 0
+    if shared:
+        programs = min(programs, props["smem_per_sm"] // (shared + 1024))
+    return max(1, min(programs, 32))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int) -> Dict[str, int]:
+    p = torch.cuda.get_device_properties(index)
+    return {"regs_per_sm": getattr(p, "regs_per_multiprocessor", 65536),
+            "threads_per_sm": getattr(p, "max_threads_per_multi_processor", 2048),
+            "smem_per_sm": getattr(p, "shared_memory_per_multiprocessor", 228 * 1024)}
+
+
 def align16(t: torch.Tensor) -> bool:
     """Whether ``t``'s data pointer is 16-byte aligned (part of every plan key)."""
     return t.data_ptr() % 16 == 0
@@ -289,6 +326,54 @@ except ImportError:  # pragma: no cover - old torch
 def interpreting() -> bool:
     """True when kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter-gradient partial sums (LayerNorm weight/bias, GELU bias)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sum_partials_kernel(PART1, PART2, OUT1, OUT2, P, N,
+                         FIRST: tl.constexpr, SECOND: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(cdiv(N, BLOCK_N),)``: OUT1/OUT2 (N,) = column sums of the (P, N) float32
+    partials PART1/PART2, in a fixed order, cast to the outputs' dtypes."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    s1 = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows[:, None] < P) & col_mask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        if FIRST:
+            s1 += tl.load(PART1 + offs, mask=mask, other=0.0)
+        if SECOND:
+            s2 += tl.load(PART2 + offs, mask=mask, other=0.0)
+    if FIRST:
+        tl.store(OUT1 + cols, tl.sum(s1, axis=0).to(OUT1.dtype.element_ty), mask=col_mask)
+    if SECOND:
+        tl.store(OUT2 + cols, tl.sum(s2, axis=0).to(OUT2.dtype.element_ty), mask=col_mask)
+
+
+_SUM = KernelLauncher(_sum_partials_kernel)
+_SUM_BLOCK_N = 128
+_SUM_BLOCK_P = 32
+
+
+def sum_partials_plan(n: int, first: bool, second: bool) -> LaunchPlan:
+    """Plan of :func:`sum_partials` for ``n`` columns and which of the two sums are wanted."""
+    return LaunchPlan((cdiv(n, _SUM_BLOCK_N),),
+                      dict(FIRST=first, SECOND=second, BLOCK_P=_SUM_BLOCK_P, BLOCK_N=_SUM_BLOCK_N), 4)
+
+
+def sum_partials(plan: LaunchPlan, part1: Optional[torch.Tensor], part2: Optional[torch.Tensor],
+                 out1: Optional[torch.Tensor], out2: Optional[torch.Tensor], rows: int, n: int) -> None:
+    """``out = part.sum(0)`` cast to ``out``'s dtype, for one or two ``(rows, n)`` float32 partial
+    buffers in one launch (instead of a sum and a cast per buffer); a fixed reduction order."""
+    dummy = part1 if part1 is not None else part2
+    _SUM(plan, (dummy if part1 is None else part1, dummy if part2 is None else part2,
+                dummy if out1 is None else out1, dummy if out2 is None else out2, rows, n))
 
 
 # --------------------------------------------------------------------------------------------
