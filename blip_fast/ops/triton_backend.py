@@ -72,7 +72,7 @@ def load() -> Backend:
             return reason
 
         checks[op] = check
-    auto_checks = {op: _auto_check for op in ops}
+    auto_checks = {op: _AUTO_CHECKS.get(op, _auto_check) for op in ops}
     return Backend("triton", ops=ops, checks=checks, auto_checks=auto_checks)
 
 
@@ -81,3 +81,83 @@ def _auto_check(*args, **kwargs) -> str | None:
         return ("the Triton CPU interpreter is a test tool, far slower than the other backends; "
                 "select it explicitly with blip_fast.use_backend('triton') to use it")
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Where ``auto`` prefers the next backend: eager calls too small to pay for the host time
+# --------------------------------------------------------------------------------------------
+#
+# An eager call costs max(host time, GPU time). The triton kernels win on GPU time at BLIP's
+# shapes, but their launch path runs in Python (an autograd.Function and triton launches):
+# below some amount of work per call the next backend of AUTO_ORDER (torch SDPA's C++ path for
+# attention, torch's own kernels for the others) finishes first. The thresholds are the
+# crossovers measured eagerly, as the models call the ops, on an H100 host (benchmarks/kernels.py,
+# section "crossover"; benchmarks/RESULTS.md, "Kernels"). Under CUDA-graph capture and
+# torch.compile only GPU time counts, and triton is taken whatever the size.
+
+#: op -> {(training, masked): least work per call for which triton is the faster eager choice}.
+#: Work: attention 4*B*H*Lq*Lk*D (forward FLOPs); layer_norm and bias_gelu elements;
+#: linear_gelu output elements. ``training``: autograd records the call.
+EAGER_MIN_WORK = {
+    "attention": {(True, False): 0, (True, True): 0, (False, False): 0, (False, True): 0},
+    "layer_norm": {(True, False): 0, (True, True): 0, (False, False): 0, (False, True): 0},
+    "bias_gelu": {(True, False): 0, (False, False): 0},
+    "linear_gelu": {(True, False): 0, (False, False): 0},
+}
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _below_crossover(op: str, work: int, training: bool, masked: bool) -> str | None:
+    threshold = EAGER_MIN_WORK[op].get((training, masked), 0)
+    if work >= threshold or compiling() or _capturing():
+        return None
+    return (f"eager {op} of {work} work units is below the measured crossover ({threshold}) where "
+            f"the triton launch path's host time outweighs its GPU time; the next backend is faster")
+
+
+def _auto_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
+                    need_weights=False):
+    reason = _auto_check()
+    if reason is None:
+        batch, heads, lq, d = q.shape
+        work = 4 * batch * heads * lq * k.shape[2] * d
+        reason = _below_crossover("attention", work, _training(q, k, v), key_padding_mask is not None)
+    return reason
+
+
+def _auto_layer_norm(x, weight, bias, eps, residual=None, dropout_p=0.0):
+    reason = _auto_check()
+    if reason is None:
+        reason = _below_crossover("layer_norm", x.numel(), _training(x, weight, bias, residual),
+                                  residual is not None)
+    return reason
+
+
+def _auto_bias_gelu(x, bias):
+    reason = _auto_check()
+    if reason is None:
+        reason = _below_crossover("bias_gelu", x.numel(), _training(x, bias), False)
+    return reason
+
+
+def _auto_linear_gelu(x, weight, bias):
+    reason = _auto_check()
+    if reason is None:
+        reason = _below_crossover("linear_gelu", x.numel() // max(1, x.shape[-1]) * weight.shape[0],
+                                  _training(x, weight, bias), False)
+    return reason
+
+
+_AUTO_CHECKS = {"attention": _auto_attention, "layer_norm": _auto_layer_norm,
+                "bias_gelu": _auto_bias_gelu, "linear_gelu": _auto_linear_gelu}

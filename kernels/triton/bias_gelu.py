@@ -161,7 +161,8 @@ def _backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) -> T
     if m == 0:
         return dx, (torch.zeros_like(bias) if need_db else None)
     key = ("bwd", x.get_device(), x.dtype, dy2.dtype, m, n, stride_x, stride_dy, align16(x2),
-           align16(dy2), None if bias is None else (bias.dtype, align16(bias)), need_db)
+           align16(dy2), None if bias is None else (bias.dtype, align16(bias)), need_db,
+           BWD_PROGRAMS_PER_SM)
     plan = _PLANS.get(key)
     if plan is None:
         block_n = _block_n(n)

@@ -171,6 +171,13 @@ def _launch_hooks_active() -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _stream_getters():
+    """triton's own ``(current device, current stream of a device)`` functions, so that a
+    direct launch goes to the stream the JIT would have used (a capturing one included)."""
+    from triton.runtime import driver
+    return driver.active.get_current_device, driver.active.get_current_stream
+
+
 def specialization(args: Sequence[Any]) -> Tuple[Any, ...]:
     """What triton's JIT specialises on, per argument: a tensor's dtype and 16-byte alignment,
     an integer being 1, a multiple of 16 or beyond 32 bits. Slow (a Python loop); the launch
@@ -230,7 +237,7 @@ class KernelLauncher:
 
     def __call__(self, plan: LaunchPlan, args: Sequence[Any]) -> None:
         direct = plan.direct
-        if direct is not None and not _launch_hooks_active():
+        if direct is not None and _DIRECT_ENABLED and not _launch_hooks_active():
             if _CHECK_LAUNCH and specialization(args) != plan.spec:
                 raise RuntimeError(f"{self.kernel.__name__}: a direct launch would reuse a kernel "
                                    f"compiled for other argument properties ({plan.spec} vs "
@@ -244,9 +251,7 @@ class KernelLauncher:
         if self._direct is None:
             self._direct = _direct_launch_supported()
             if self._direct:
-                from triton.runtime import driver
-                self._get_device = driver.active.get_current_device
-                self._get_stream = driver.active.get_current_stream
+                self._get_device, self._get_stream = _stream_getters()
         if self._direct and plan.direct is None:
             plan.direct = self._handles(compiled, plan, args)
             plan.spec = specialization(args)
@@ -271,6 +276,13 @@ class KernelLauncher:
 
 
 _CHECK_LAUNCH = os.environ.get(CHECK_LAUNCH_ENV, "0") == "1"
+_DIRECT_ENABLED = True
+
+
+def set_direct_launch(enabled: bool) -> None:
+    """Switch direct launches on or off at run time (benchmarks compare with the JIT path)."""
+    global _DIRECT_ENABLED
+    _DIRECT_ENABLED = enabled
 
 
 def set_launch_checks(enabled: bool) -> None:

@@ -212,7 +212,7 @@ def _forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bi
     key = ("fwd", x.get_device(), x.dtype, out_dtype, m, n, stride_x, stride_r, align16(x2),
            None if r2 is None else (r2.dtype, align16(r2)),
            None if weight is None else (weight.dtype, align16(weight)),
-           None if bias is None else (bias.dtype, align16(bias)), dropout)
+           None if bias is None else (bias.dtype, align16(bias)), dropout, FWD_ROW_ELEMENTS)
     plan = _PLANS.get(key)
     if plan is None:
         block = next_power_of_2(n)
@@ -253,7 +253,7 @@ def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
     key = ("bwd", x.get_device(), x.dtype, m, n, stride_x, stride_r, stride_dy, align16(x2),
            align16(dy2), dy2.dtype, None if r2 is None else (r2.dtype, align16(r2)),
            None if weight is None else (weight.dtype, align16(weight)), dropout, store_dr,
-           compute_dw, compute_db, bias_dtype)
+           compute_dw, compute_db, bias_dtype, BWD_PROGRAMS_PER_SM, BWD_ROW_ELEMENTS)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _bwd_plan(key, x, m, n, residual is not None, weight is not None, dropout, store_dr,
@@ -381,10 +381,15 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
     has_w, has_b, has_r = ctx.present
     need_dx, need_dw, need_db, _, need_dr = ctx.needs_input_grad[:5]
+    need_dr = need_dr and has_r
+    # Without dropout and with equal dtypes d(residual) is dx itself; an op's outputs may not
+    # alias each other, so that case asks for dx only.
+    shared = need_dr and ctx.dropout_p == 0.0 and residual.dtype == x.dtype
     dx, dr, dw, db = _layer_norm_bwd_op(dy, x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed,
-                                        need_dx, need_dr and has_r, need_dw and has_w, need_db and has_b)
+                                        need_dx or shared, need_dr and not shared, need_dw and has_w,
+                                        need_db and has_b)
     return (dx if need_dx else None, dw if need_dw and has_w else None, db if need_db and has_b else None,
-            None, dr if need_dr and has_r else None, None, None)
+            None, (dx if shared else dr) if need_dr else None, None, None)
 
 
 _layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
