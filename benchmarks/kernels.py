@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+SWEEP_SHAPES = ("vit224_self", "vit384_self", "vit480_self", "smoke_self")
 SECTIONS = ("env", "graph_dropout", "attention", "layer_norm", "gelu", "cross_entropy", "host",
             "crossover", "sweeps")
 
@@ -50,6 +51,8 @@ SECTIONS = ("env", "graph_dropout", "attention", "layer_norm", "gelu", "cross_en
 
 #: Set by --smoke: the CPU, the Triton interpreter and tiny shapes, to check the script runs.
 SMOKE = False
+#: Set in --warm workers: every case runs once, untimed, to fill triton's compile cache.
+WARM = False
 DEV = "cuda"
 DTYPE = torch.bfloat16
 
@@ -72,13 +75,13 @@ class Timer:
         self.graph_rep = 10 if quick else 20
 
     def eager(self, fn: Callable[[], object]) -> float:
-        if SMOKE:
+        if SMOKE or WARM:
             return _wall_ms(fn)
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median"))
 
     def graph(self, fn: Callable[[], object]) -> float:
-        if SMOKE:
+        if SMOKE or WARM:
             return _wall_ms(fn)
         from triton.testing import do_bench_cudagraph
         return float(do_bench_cudagraph(fn, rep=self.graph_rep, return_mode="median"))
@@ -86,6 +89,8 @@ class Timer:
 
 def _wall_ms(fn: Callable[[], object]) -> float:
     fn()
+    if WARM:
+        return 1.0
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
@@ -104,9 +109,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def host_us(fn: Callable[[], object], calls: int = 100) -> float:
     """Host microseconds per call: wall time of issuing ``calls`` calls, device sync excluded
     (shapes must be small enough that the GPU keeps up, so the launch queue never blocks)."""
-    if SMOKE:
+    if SMOKE or WARM:
         calls = 1
-    for _ in range(1 if SMOKE else 3):
+    for _ in range(1 if SMOKE or WARM else 3):
         fn()
     _sync()
     start = time.perf_counter()
@@ -203,9 +208,9 @@ def _shape_list():
     return list(SHAPES)
 
 
-def _attention_shapes(quick: bool):
+def _attention_shapes(quick: bool, only: Optional[Sequence[str]] = None):
     shapes = _shape_list()
-    return shapes if not quick else [s for s in shapes if s.name in ("vit224_self", "bert_pad_self")]
+    return [s for s in shapes if s.name in only] if only else shapes
 
 
 def _attention_impls(shape) -> Dict[str, Callable]:
@@ -242,7 +247,7 @@ def section_attention(ctx: Dict[str, Any]) -> Dict[str, Any]:
     from .bench_attention import _max_rel_err, _step, kernel_breakdown, make_inputs
     timer = ctx["timer"]
     results = {}
-    for shape in _attention_shapes(ctx["quick"]):
+    for shape in _attention_shapes(ctx["quick"], ctx.get("only_shapes")):
         sets = [make_inputs(shape, DTYPE, torch.device(DEV), seed) for seed in range(3)]
         res: Dict[str, Dict[str, Any]] = {}
         for name, fn in _attention_impls(shape).items():
@@ -581,7 +586,7 @@ def section_crossover(ctx: Dict[str, Any]) -> Dict[str, Any]:
             if masked:
                 m = torch.arange(lk, device=dev)[None, :] < torch.randint(lk // 3, lk + 1, (bsz, 1), device=dev)
             row = {"batch": bsz, "flops_fwd": 4 * bsz * heads * lq * lk * d}
-            for backend in ("triton", "sdpa", "reference"):
+            for backend in ("triton", "sdpa"):  # sdpa comes before reference in AUTO_ORDER
                 with _backend(backend):
                     fwd = lambda: ops.attention(q.detach(), k.detach(), v.detach(), key_padding_mask=m, causal=causal)  # noqa: E731
                     fb = lambda: torch.autograd.grad(ops.attention(q, k, v, key_padding_mask=m, causal=causal), (q, k, v), g)  # noqa: E731
@@ -633,13 +638,12 @@ def section_crossover(ctx: Dict[str, Any]) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------- sweeps
 
 def section_sweeps(ctx: Dict[str, Any]) -> Dict[str, Any]:
-    from blip_fast._kernels.triton import attention as attn
     from blip_fast._kernels.triton import layer_norm as ln
-
-    from .bench_attention import _step, make_inputs
     timer = ctx["timer"]
     out: Dict[str, Any] = {}
     # LayerNorm backward: persistent-grid size and rows per iteration (GPU time, CUDA graph)
+    if ctx.get("only_shapes"):  # a warm worker for the attention sweeps only
+        return section_sweeps_attention(ctx, out)
     rows, n = (9, 48) if SMOKE else (64 * 197, 768)
     sets = _ln_sets(rows, n, False, DTYPE, 4)
     res = []
@@ -659,18 +663,28 @@ def section_sweeps(ctx: Dict[str, Any]) -> Dict[str, Any]:
         ln.BWD_PROGRAMS_PER_SM, ln.BWD_ROW_ELEMENTS = saved
         ln.clear_plans()
     out["layer_norm_bwd_vit_bf16"] = res
-    # Attention: forward and backward blocks and inline delta at the long ViT shapes
-    for shape in [s for s in _shape_list() if s.name in ("vit384_self", "vit480_self", "vit224_self", "smoke_self")]:
+    if not ctx.get("skip_attention_sweeps"):
+        section_sweeps_attention(ctx, out)
+    return out
+
+
+def section_sweeps_attention(ctx: Dict[str, Any], out: Dict[str, Any]) -> Dict[str, Any]:
+    """Attention: forward and backward blocks and inline delta at the long ViT shapes."""
+    from blip_fast._kernels.triton import attention as attn
+
+    from .bench_attention import _step, make_inputs
+    timer = ctx["timer"]
+    sweep_shapes = ctx.get("only_shapes") or SWEEP_SHAPES
+    for shape in [s for s in _shape_list() if s.name in sweep_shapes]:
         sets = [make_inputs(shape, DTYPE, torch.device(DEV), seed) for seed in range(2)]
         res = []
         variants = [("default", {}, True)]
         variants += [("inline_delta=False", {}, False)]
         variants += [(f"bwd={c}", {"bwd": c}, True) for c in (
             attn.BwdConfig(32, 128, 128, 32, 4, 3), attn.BwdConfig(64, 64, 64, 64, 4, 3),
-            attn.BwdConfig(64, 128, 128, 64, 8, 2), attn.BwdConfig(32, 64, 64, 32, 4, 2))]
+            attn.BwdConfig(64, 128, 128, 64, 8, 2))]
         variants += [(f"fwd={c}", {"fwd": c}, True) for c in (
-            attn.FwdConfig(128, 64, 8, 3), attn.FwdConfig(128, 32, 4, 3), attn.FwdConfig(64, 64, 4, 3),
-            attn.FwdConfig(128, 128, 8, 3))]
+            attn.FwdConfig(128, 64, 8, 3), attn.FwdConfig(64, 64, 4, 3), attn.FwdConfig(128, 32, 4, 3))]
         for label, overrides, inline in variants:
             attn.CONFIG_OVERRIDES.clear()
             attn.CONFIG_OVERRIDES.update(overrides)
@@ -771,11 +785,52 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _warm_job(job) -> str:
+    """One --warm worker: run a section (or one shape of it) once, untimed."""
+    global WARM
+    WARM = True
+    section, only = job
+    sys.stdout = open(os.devnull, "w")
+    ctx: Dict[str, Any] = {"timer": Timer(True), "quick": False, "env": {}, "only_shapes": only,
+                           "skip_attention_sweeps": section == "sweeps" and not only}
+    start = time.perf_counter()
+    try:
+        globals()[f"section_{section}"](ctx)
+        status = "ok"
+    except Exception as exc:  # noqa: BLE001 - the timed run reports it
+        status = f"failed: {exc!r}"[:200]
+    return f"warm {section} {only or ''}: {status} ({time.perf_counter() - start:.1f} s)"
+
+
+def warm(sections: Sequence[str], workers: int) -> None:
+    """Compile every kernel the timed sections launch, in parallel processes sharing triton's
+    on-disk cache, so that the timed run (one process) loads instead of compiling."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = []
+    for section in sections:
+        if section == "attention":
+            jobs += [("attention", [s.name]) for s in _shape_list()]
+        elif section == "sweeps":
+            jobs += [("sweeps", [name]) for name in SWEEP_SHAPES if name != "smoke_self"]
+            jobs.append(("sweeps", None))
+        elif section not in ("env",):
+            jobs.append((section, None))
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for line in pool.map(_warm_job, jobs):
+            log(line)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks --kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_kernels", help="output folder")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
+    parser.add_argument("--quick", action="store_true", help="shorter timings, fewer crossover sizes")
+    parser.add_argument("--warm", type=int, default=0, metavar="N",
+                        help="first compile every kernel in N parallel processes (untimed)")
+    parser.add_argument("--warm-only", action="store_true", help="compile (--warm N) and exit")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under the Triton interpreter: checks the script, measures nothing")
     args = parser.parse_args(argv)
@@ -794,6 +849,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wanted = [s for s in args.sections.split(",") if s]
     if "env" not in wanted:
         wanted.insert(0, "env")
+    if args.warm and not SMOKE:
+        start = time.perf_counter()
+        warm(wanted, args.warm)
+        log(f"warm: {time.perf_counter() - start:.1f} s")
+        if args.warm_only:
+            return 0
     for name in wanted:
         fn = globals().get(f"section_{name}")
         if fn is None:
