@@ -540,6 +540,8 @@ def section_host(ctx: Dict[str, Any]) -> Dict[str, Any]:
                 finally:
                     common.set_direct_launch(True)
         log(f"host {name}: {out[name]}")
+    plans = list(attn._FWD_PLANS.values()) + list(attn._BWD_PLANS.values())
+    out["plans_launched_directly"] = f"{sum(p.direct is not None for p in plans)} of {len(plans)}"
     # Where the time goes: cProfile of the ops path (the way the models call attention).
     fn = attn_fb(lambda: ops.attention(q, k, v, key_padding_mask=mask))
     with _backend("triton"):
@@ -781,7 +783,8 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append("| call | direct | JIT |")
         lines.append("|---|---:|---:|")
         for k, row in host.items():
-            lines.append(f"| {k} | {row.get('direct_us')} | {row.get('jit_us', '-')} |")
+            if isinstance(row, dict):
+                lines.append(f"| {k} | {row.get('direct_us')} | {row.get('jit_us', '-')} |")
     return "\n".join(lines) + "\n"
 
 

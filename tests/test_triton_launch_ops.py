@@ -19,6 +19,7 @@ from blip_fast.ops import triton_backend  # noqa: E402
 from blip_fast._kernels.triton import attention as attn_mod  # noqa: E402
 from blip_fast._kernels.triton import bias_gelu as gelu_mod  # noqa: E402
 from blip_fast._kernels.triton import common  # noqa: E402
+from blip_fast._kernels.triton import cross_entropy  # noqa: E402,F401  (registers its ops)
 from blip_fast._kernels.triton import layer_norm as ln_mod  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

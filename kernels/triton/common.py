@@ -164,8 +164,9 @@ def _direct_launch_supported() -> bool:
 def _launch_hooks_active() -> bool:
     """True while a profiler (e.g. proton) hooks kernel launches: those go through the JIT."""
     try:
-        runtime = triton.knobs.runtime
-    except AttributeError:
+        from triton import knobs
+        runtime = knobs.runtime
+    except (ImportError, AttributeError):
         return True
     hook = runtime.launch_enter_hook
     return hook is not None and bool(getattr(hook, "calls", True))
