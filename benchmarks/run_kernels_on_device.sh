@@ -23,7 +23,7 @@ TESTS="tests/test_triton_attention.py tests/test_triton_norm_gelu_ce.py tests/te
 PYTEST_PID=
 if [ "$SCOPE" != none ]; then
   MARK=(); [ "$SCOPE" = gpu ] && MARK=(-m gpu)
-  BLIP_FAST_TRITON_CHECK_LAUNCH=1 timeout "${PYTEST_TIMEOUT:-150}" python -m pytest -q -p no:cacheprovider \
+  BLIP_FAST_TRITON_CHECK_LAUNCH=1 timeout "${PYTEST_TIMEOUT:-150}" python -m pytest -v -p no:cacheprovider \
     -n "${PYTEST_WORKERS:-6}" "${MARK[@]}" $TESTS -rf > "$OUT/pytest.txt" 2>&1 &
   PYTEST_PID=$!
 fi
