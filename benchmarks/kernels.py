@@ -247,7 +247,7 @@ def section_attention(ctx: Dict[str, Any]) -> Dict[str, Any]:
     from .bench_attention import _max_rel_err, _step, kernel_breakdown, make_inputs
     timer = ctx["timer"]
     results = {}
-    for shape in _attention_shapes(ctx["quick"], ctx.get("only_shapes")):
+    for shape in _attention_shapes(ctx["quick"], ctx.get("only_shapes") or ctx.get("attention_shapes")):
         sets = [make_inputs(shape, DTYPE, torch.device(DEV), seed) for seed in range(3)]
         res: Dict[str, Dict[str, Any]] = {}
         for name, fn in _attention_impls(shape).items():
@@ -335,7 +335,11 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
             bwd = [lambda yy=yy, lv=lv, gg=gg: torch.autograd.grad(yy, lv, gg, retain_graph=True)
                    for yy, lv, gg in graphs]
             row["bwd_ms"] = timer.eager(cycle_calls(bwd))
-            row["bwd_graph_ms"] = timer.graph(cycle_calls(bwd))
+            # A captured backward must run on the stream of its forward: capture both, subtract.
+            leaves_of = lambda s: [t for t in s[:4] if t is not None]  # noqa: E731
+            fwd_bwd = [lambda s=s: torch.autograd.grad(fn(*s[:4]), leaves_of(s), s[4]) for s in sets]
+            row["fwd_bwd_graph_ms"] = timer.graph(cycle_calls(fwd_bwd))
+            row["bwd_graph_ms"] = max(1e-6, row["fwd_bwd_graph_ms"] - row["fwd_graph_ms"])
             if impl == "triton":
                 for key, nbytes, copy in (("fwd", fwd_bytes, copy_f), ("bwd", bwd_bytes, copy_b)):
                     for mode in ("", "_graph"):
@@ -375,8 +379,10 @@ def section_gelu(ctx: Dict[str, Any]) -> Dict[str, Any]:
             fwd = [lambda s=s: fn(s[0], s[1]) for s in sets]
             graphs = [(fn(s[0], s[1]), (s[0], s[1]), s[2]) for s in sets]
             bwd = [lambda y=y, lv=lv, gg=gg: torch.autograd.grad(y, lv, gg, retain_graph=True) for y, lv, gg in graphs]
+            fwd_bwd = [lambda s=s: torch.autograd.grad(fn(s[0], s[1]), (s[0], s[1]), s[2]) for s in sets]
             row = dict(fwd_ms=timer.eager(cycle_calls(fwd)), fwd_graph_ms=timer.graph(cycle_calls(fwd)),
-                       bwd_ms=timer.eager(cycle_calls(bwd)), bwd_graph_ms=timer.graph(cycle_calls(bwd)))
+                       bwd_ms=timer.eager(cycle_calls(bwd)), fwd_bwd_graph_ms=timer.graph(cycle_calls(fwd_bwd)))
+            row["bwd_graph_ms"] = max(1e-6, row["fwd_bwd_graph_ms"] - row["fwd_graph_ms"])
             row["fwd_graph_gbps"] = round(nbytes / row["fwd_graph_ms"] / 1e6, 1)
             row["bwd_graph_gbps"] = round(1.5 * nbytes / row["bwd_graph_ms"] / 1e6, 1)
             case[impl] = row
@@ -396,12 +402,12 @@ def section_gelu(ctx: Dict[str, Any]) -> Dict[str, Any]:
                      lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)}
         case = {"flops_fwd": 2 * rows * k * n}
         for impl, fn in impls.items():
+            row = dict(fwd_ms=timer.eager(fn), fwd_graph_ms=timer.graph(fn))
             try:
                 fb = lambda fn=fn: torch.autograd.grad(fn(), (x, w, b), g)  # noqa: E731
-                row = dict(fwd_ms=timer.eager(fn), fwd_graph_ms=timer.graph(fn),
-                           fwd_bwd_ms=timer.eager(fb), fwd_bwd_graph_ms=timer.graph(fb))
-            except Exception as exc:  # noqa: BLE001
-                row = {"error": repr(exc)[:200]}
+                row.update(fwd_bwd_ms=timer.eager(fb), fwd_bwd_graph_ms=timer.graph(fb))
+            except Exception as exc:  # noqa: BLE001 - e.g. no derivative for the cuBLASLt epilogue op
+                row["fwd_bwd_error"] = repr(exc)[:120]
             case[impl] = row
         log(f"linear_gelu {name}: " + json.dumps(case))
         out[f"linear_gelu_{name}"] = case
@@ -649,17 +655,17 @@ def section_sweeps(ctx: Dict[str, Any]) -> Dict[str, Any]:
     rows, n = (9, 48) if SMOKE else (64 * 197, 768)
     sets = _ln_sets(rows, n, False, DTYPE, 4)
     res = []
+    fwd_ms = timer.graph(cycle_calls([lambda s=s: ln.layer_norm(s[0], s[2], s[3], 1e-6) for s in sets]))
     saved = ln.BWD_PROGRAMS_PER_SM, ln.BWD_ROW_ELEMENTS
     try:
         for per_sm, row_elems in itertools.product((None, 2) if SMOKE else (None, 2, 4, 8), (1024, 4096) if SMOKE else (1024, 2048, 4096)):
             ln.BWD_PROGRAMS_PER_SM, ln.BWD_ROW_ELEMENTS = per_sm, row_elems
             ln.clear_plans()
-            graphs = [(ln.layer_norm(s[0], s[2], s[3], 1e-6), (s[0], s[2], s[3]), s[4]) for s in sets]
-            call = cycle_calls([lambda y=y, lv=lv, g=g: torch.autograd.grad(y, lv, g, retain_graph=True)
-                                for y, lv, g in graphs])
-            ms = timer.graph(call)
+            call = cycle_calls([lambda s=s: torch.autograd.grad(ln.layer_norm(s[0], s[2], s[3], 1e-6),
+                                                                (s[0], s[2], s[3]), s[4]) for s in sets])
+            ms = timer.graph(call) - fwd_ms
             res.append({"programs_per_sm": per_sm or "auto", "row_elements": row_elems,
-                        "graph_ms": round(ms, 4), "gbps": round(3 * rows * n * 2 / ms / 1e6, 1)})
+                        "bwd_graph_ms": round(ms, 4), "gbps": round(3 * rows * n * 2 / ms / 1e6, 1)})
             log(f"sweep layer_norm bwd: {res[-1]}")
     finally:
         ln.BWD_PROGRAMS_PER_SM, ln.BWD_ROW_ELEMENTS = saved
@@ -676,7 +682,7 @@ def section_sweeps_attention(ctx: Dict[str, Any], out: Dict[str, Any]) -> Dict[s
 
     from .bench_attention import _step, make_inputs
     timer = ctx["timer"]
-    sweep_shapes = ctx.get("only_shapes") or SWEEP_SHAPES
+    sweep_shapes = ctx.get("only_shapes") or ctx.get("sweep_shapes") or SWEEP_SHAPES
     for shape in [s for s in _shape_list() if s.name in sweep_shapes]:
         sets = [make_inputs(shape, DTYPE, torch.device(DEV), seed) for seed in range(2)]
         res = []
@@ -805,7 +811,8 @@ def _warm_job(job) -> str:
     return f"warm {section} {only or ''}: {status} ({time.perf_counter() - start:.1f} s)"
 
 
-def warm(sections: Sequence[str], workers: int) -> None:
+def warm(sections: Sequence[str], workers: int, shapes: Optional[Sequence[str]] = None,
+         sweep_shapes: Optional[Sequence[str]] = None) -> None:
     """Compile every kernel the timed sections launch, in parallel processes sharing triton's
     on-disk cache, so that the timed run (one process) loads instead of compiling."""
     import concurrent.futures
@@ -814,9 +821,9 @@ def warm(sections: Sequence[str], workers: int) -> None:
     jobs = []
     for section in sections:
         if section == "attention":
-            jobs += [("attention", [s.name]) for s in _shape_list()]
+            jobs += [("attention", [s.name]) for s in _attention_shapes(False, shapes)]
         elif section == "sweeps":
-            jobs += [("sweeps", [name]) for name in SWEEP_SHAPES if name != "smoke_self"]
+            jobs += [("sweeps", [name]) for name in (sweep_shapes or SWEEP_SHAPES) if name != "smoke_self"]
             jobs.append(("sweeps", None))
         elif section not in ("env",):
             jobs.append((section, None))
@@ -834,6 +841,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warm", type=int, default=0, metavar="N",
                         help="first compile every kernel in N parallel processes (untimed)")
     parser.add_argument("--warm-only", action="store_true", help="compile (--warm N) and exit")
+    parser.add_argument("--shapes", help="attention shapes to run (comma-separated names; default all)")
+    parser.add_argument("--sweep-shapes", help="attention shapes of the sweeps (default: "
+                        + ",".join(SWEEP_SHAPES[:3]) + ")")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under the Triton interpreter: checks the script, measures nothing")
     args = parser.parse_args(argv)
@@ -847,14 +857,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("benchmarks --kernels needs a CUDA device", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
-    ctx: Dict[str, Any] = {"timer": Timer(args.quick), "quick": args.quick, "env": {}}
+    shapes = args.shapes.split(",") if args.shapes else None
+    sweep_shapes = args.sweep_shapes.split(",") if args.sweep_shapes else None
+    ctx: Dict[str, Any] = {"timer": Timer(args.quick), "quick": args.quick, "env": {},
+                           "attention_shapes": shapes, "sweep_shapes": sweep_shapes}
     report: Dict[str, Any] = {"command": " ".join(["python -m benchmarks --kernels", *(argv if argv is not None else sys.argv[1:])])}
     wanted = [s for s in args.sections.split(",") if s]
     if "env" not in wanted:
         wanted.insert(0, "env")
     if args.warm and not SMOKE:
         start = time.perf_counter()
-        warm(wanted, args.warm)
+        warm(wanted, args.warm, shapes, sweep_shapes)
         log(f"warm: {time.perf_counter() - start:.1f} s")
         if args.warm_only:
             return 0

@@ -104,13 +104,33 @@ def test_direct_launch_switches_and_checks(direct):
     finally:
         common.set_direct_launch(True)
     assert len(kernel.jit_calls) == 2 and not kernel.compiled.calls
-    common.set_launch_checks(True)
+    previous = common.set_launch_checks(True)
     try:
         launcher(plan, (x, 32, 1))  # 32 specialises like 16 (a multiple of 16): fine
         with pytest.raises(RuntimeError, match="plan key is incomplete"):
             launcher(plan, (x, 17, 1))  # 17 would have compiled another kernel
     finally:
-        common.set_launch_checks(False)
+        common.set_launch_checks(previous)
+
+
+def test_direct_launch_rebinds_after_the_compiled_hook(direct):
+    """A hook that resizes the grid (and so the loop counts passed in) forces one more launch
+    through the JIT, so that the direct launch never reuses a kernel specialised for the old
+    values."""
+    kernel = _FakeKernel()
+    launcher = common.KernelLauncher(kernel)
+    plan = common.LaunchPlan((1,), dict(BLOCK=64, FLAG=False), num_warps=4,
+                             on_compiled=lambda p, c: p.set_grid((9,)))
+    for _ in range(3):
+        launcher(plan, (torch.zeros(1), 1, 1))
+    assert len(kernel.jit_calls) == 2 and len(kernel.compiled.calls) == 1
+    assert kernel.jit_calls[1][0] == (9, 1, 1)
+
+
+def test_specialization_respects_do_not_specialize():
+    generic = (False, True)
+    assert common.specialization((16, 16), generic)[1] == common.specialization((16, 17), generic)[1]
+    assert common.specialization((16, 1), generic)[0] != common.specialization((17, 1), generic)[0]
 
 
 def test_direct_launch_refuses_unknown_layouts(direct):
@@ -268,6 +288,25 @@ def test_auto_routing_follows_measured_crossovers(monkeypatch):
     assert check(tiny, tiny, tiny) is None
 
 
+def test_auto_routing_leaves_gpu_time_losses_to_sdpa(monkeypatch):
+    """Long unmasked self-attention in training and head dim 128 go to the next backend, also
+    under torch.compile (GPU time); masked text shapes and inference at long L stay on triton."""
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    check = triton_backend._auto_attention
+    vit384 = torch.empty(32, 12, 577, 64, device="meta", requires_grad=True)
+    assert "L >= 512" in check(vit384, vit384, vit384)
+    with torch.no_grad():
+        assert check(vit384, vit384, vit384) is None
+    d128 = torch.empty(64, 6, 197, 128, device="meta", requires_grad=True)
+    assert "head dim 128" in check(d128, d128, d128)
+    monkeypatch.setattr(triton_backend, "compiling", lambda: True)
+    assert check(d128, d128, d128) is not None
+    text = torch.empty(192, 12, 35, 64, device="meta", requires_grad=True)
+    image = torch.empty(192, 12, 577, 64, device="meta", requires_grad=True)
+    mask = torch.ones(192, 577, dtype=torch.bool, device="meta")
+    assert check(text, image, image, key_padding_mask=mask) is None
+
+
 def test_auto_routing_thresholds_are_consistent():
     for op, table in triton_backend.EAGER_MIN_WORK.items():
         for key, threshold in table.items():
@@ -286,7 +325,7 @@ def test_auto_never_picks_the_interpreter():
 def test_gpu_direct_launch_and_alignment():
     """After the first call a plan launches directly; inputs of other alignment get their own
     plan (the key holds the alignment) and the right result."""
-    common.set_launch_checks(True)
+    previous = common.set_launch_checks(True)
     try:
         base = torch.randn(2 * 12 * 197 * 64 + 8, device="cuda", dtype=torch.bfloat16)
         for offset in (0, 0, 1, 1, 0):
@@ -295,15 +334,43 @@ def test_gpu_direct_launch_and_alignment():
             assert rel_err(out, ref.attention(q.double(), q.double(), q.double())) < 2e-2
         plans = [p for p in attn_mod._FWD_PLANS.values() if p.grid[2] == 2]
         assert plans and all(p.direct is not None for p in plans)
-        x = torch.randn(300, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(3):
-            y = ln_mod.layer_norm(x, w, w, 1e-6)
-            y.float().sum().backward()
-            y = gelu_mod.bias_gelu(x, w)
-            y.float().sum().backward()
     finally:
-        common.set_launch_checks(False)
+        common.set_launch_checks(previous)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [300, 4 * 197])
+def test_gpu_repeated_calls_match_reference(rows):
+    """The first call of a shape goes through triton's JIT, the later ones launch directly (and
+    the LayerNorm backward resizes its persistent grid after the first): every call must give
+    the reference's values, gradients of shared parameters included."""
+    previous = common.set_launch_checks(True)
+    try:
+        x = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        r = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16)
+        x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+        want = torch.autograd.grad(ref.layer_norm(x64, w64, w64, 1e-6, residual=r64), (x64, r64, w64), g.double())
+        want_gelu = torch.autograd.grad(ref.bias_gelu(x64, w64), (x64, w64), g.double())
+        q, k, v = (torch.randn(4, 12, 197, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        go = torch.randn(4, 12, 197, 64, device="cuda", dtype=torch.bfloat16)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        want_attn = torch.autograd.grad(ref.attention(q64, k64, v64), (q64, k64, v64), go.double())
+        for _ in range(4):
+            got = torch.autograd.grad(ln_mod.layer_norm(x, w, w, 1e-6, r), (x, r, w), g)
+            for a, b in zip(got, want):
+                assert rel_err(a, b) < 2e-2
+            got = torch.autograd.grad(gelu_mod.bias_gelu(x, w), (x, w), g)
+            for a, b in zip(got, want_gelu):
+                assert rel_err(a, b) < 2e-2
+            got = torch.autograd.grad(attn_mod.attention(q, k, v), (q, k, v), go)
+            for a, b in zip(got, want_attn):
+                assert rel_err(a, b) < 2e-2
+    finally:
+        common.set_launch_checks(previous)
 
 
 @gpu

@@ -126,13 +126,38 @@ def _below_crossover(op: str, work: int, training: bool, masked: bool) -> str | 
             f"the triton launch path's host time outweighs its GPU time; the next backend is faster")
 
 
+#: Attention calls where cuDNN (through the ``sdpa`` backend) is faster on the GPU itself, eager or
+#: captured (H100, bf16, benchmarks/RESULTS.md "Kernels", 2026-11-23): forward+backward of
+#: unmasked self-attention from L = 512 (ViT-384 L = 577: 0.476 ms cuDNN vs 0.502 ms; ViT-480
+#: L = 901: 0.513 vs 0.58 ms), and head dim 128 (ViT shape L = 197: cuDNN 0.188 ms vs 0.261 ms
+#: forward+backward, 0.036 vs 0.045 ms forward). The forward alone at long L is as fast or faster
+#: here (L = 577: 0.114 vs 0.116 ms; L = 901: 0.116 vs 0.137 ms), so inference keeps triton.
+LONG_SELF_ATTENTION_TRAINING = 512
+MAX_HEAD_DIM_BEFORE_SDPA = 64
+
+
+def _gpu_time_loss(q, k, key_padding_mask, causal, training: bool) -> str | None:
+    lq, d, lk = q.shape[2], q.shape[3], k.shape[2]
+    if d > MAX_HEAD_DIM_BEFORE_SDPA:
+        return (f"head dim {d} > {MAX_HEAD_DIM_BEFORE_SDPA}: cuDNN attention measured faster on an "
+                f"H100 (RESULTS.md, Kernels)")
+    if (training and key_padding_mask is None and not causal
+            and min(lq, lk) >= LONG_SELF_ATTENTION_TRAINING):
+        return (f"unmasked forward+backward at L >= {LONG_SELF_ATTENTION_TRAINING}: cuDNN attention "
+                f"measured faster on an H100 (RESULTS.md, Kernels)")
+    return None
+
+
 def _auto_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0, scale=None,
                     need_weights=False):
     reason = _auto_check()
     if reason is None:
+        training = _training(q, k, v)
+        reason = _gpu_time_loss(q, k, key_padding_mask, causal, training)
+    if reason is None:
         batch, heads, lq, d = q.shape
         work = 4 * batch * heads * lq * k.shape[2] * d
-        reason = _below_crossover("attention", work, _training(q, k, v), key_padding_mask is not None)
+        reason = _below_crossover("attention", work, training, key_padding_mask is not None)
     return reason
 
 

@@ -665,11 +665,14 @@ class ShortBwdConfig(NamedTuple):
 #: Largest Lq that takes the one-program-per-head backward (text self/cross-attention). Longer
 #: query sequences need several programs per head for parallelism and registers.
 SHORT_Q_MAX = 64
-#: The two-kind backward recomputes ``delta = rowsum(dO * O)`` inside its programs instead of
+#: Let the two-kind backward recompute ``delta = rowsum(dO * O)`` inside its programs instead of
 #: running a separate kernel for it (one launch and one pass over dO and O fewer), where the
-#: registers allow: 16-bit inputs with D <= 64 (ptxas for sm_90: 243 registers and no spills at
-#: D = 64; at D = 128 or in float32 the extra tile spills, see tests/compile_check_attention.py).
-INLINE_DELTA = True
+#: registers allow (16-bit inputs with D <= 64: no spills for sm_90; at D = 128 or in float32
+#: the extra tile spills, see tests/compile_check_attention.py). Off: measured on an H100 the
+#: extra O loads in the dK/dV loop cost more than the separate kernel (bf16, D = 64: backward
+#: 431 us with it vs 387 us kernel + delta without at L = 577; 156 vs 149 us at L = 197;
+#: benchmarks/RESULTS.md, "Kernels").
+INLINE_DELTA = False
 INLINE_DELTA_MAX_D = 64
 
 # Interpreter: large blocks keep the CPU tests fast (each device-function call costs ~1 ms there);

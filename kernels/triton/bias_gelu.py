@@ -56,7 +56,7 @@ def _gelu_fwd_kernel(X, BIAS, Y, M, N, stride_x, stride_y,
              y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_program"])
 def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, tiles_per_program,
                      stride_x, stride_dy, stride_dx,
                      HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,

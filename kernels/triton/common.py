@@ -179,19 +179,30 @@ def _stream_getters():
     return driver.active.get_current_device, driver.active.get_current_stream
 
 
-def specialization(args: Sequence[Any]) -> Tuple[Any, ...]:
+def specialization(args: Sequence[Any], generic: Sequence[bool] = ()) -> Tuple[Any, ...]:
     """What triton's JIT specialises on, per argument: a tensor's dtype and 16-byte alignment,
-    an integer being 1, a multiple of 16 or beyond 32 bits. Slow (a Python loop); the launch
+    an integer being 1, a multiple of 16 or beyond 32 bits (only the last for the parameters
+    flagged in ``generic``, the kernel's ``do_not_specialize``). Slow (a Python loop); the launch
     path uses keys built by each wrapper and this only to check them (:data:`CHECK_LAUNCH_ENV`)."""
     spec = []
-    for a in args:
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             spec.append((a.dtype, a.data_ptr() % 16 == 0))
         elif isinstance(a, bool) or not isinstance(a, int):
             spec.append(type(a))
+        elif i < len(generic) and generic[i]:
+            spec.append(-2**31 <= a < 2**31)
         else:
             spec.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
     return tuple(spec)
+
+
+def _generic_params(kernel: Any) -> Tuple[bool, ...]:
+    """Per parameter of a JITFunction: excluded from value specialisation (do_not_specialize)."""
+    params = getattr(kernel, "params", None)
+    if not params:
+        return ()
+    return tuple(bool(getattr(p, "do_not_specialize", False)) for p in params)
 
 
 class LaunchPlan:
@@ -235,14 +246,16 @@ class KernelLauncher:
         self.kernel = kernel
         self._direct = None  # decided on first use (the interpreter may be switched on late)
         self._get_device = self._get_stream = None
+        self._generic = _generic_params(kernel)
 
     def __call__(self, plan: LaunchPlan, args: Sequence[Any]) -> None:
         direct = plan.direct
         if direct is not None and _DIRECT_ENABLED and not _launch_hooks_active():
-            if _CHECK_LAUNCH and specialization(args) != plan.spec:
+            if _CHECK_LAUNCH and specialization(args, self._generic) != plan.spec:
                 raise RuntimeError(f"{self.kernel.__name__}: a direct launch would reuse a kernel "
                                    f"compiled for other argument properties ({plan.spec} vs "
-                                   f"{specialization(args)}); the wrapper's plan key is incomplete")
+                                   f"{specialization(args, self._generic)}); the wrapper's plan key "
+                                   f"is incomplete")
             run, function, packed, consts = direct
             grid = plan.grid
             run(grid[0], grid[1], grid[2], self._get_stream(self._get_device()), function, packed,
@@ -255,10 +268,11 @@ class KernelLauncher:
                 self._get_device, self._get_stream = _stream_getters()
         if self._direct and plan.direct is None:
             plan.direct = self._handles(compiled, plan, args)
-            plan.spec = specialization(args)
+            plan.spec = specialization(args, self._generic)
         if plan.on_compiled is not None:
             hook, plan.on_compiled = plan.on_compiled, None
             hook(plan, compiled)
+            plan.direct = None  # the hook may change arguments: bind again through the JIT
 
     def _handles(self, compiled: Any, plan: LaunchPlan, args: Sequence[Any]):
         """``(run, function, packed_metadata, constexpr values)`` or None if unusable."""
@@ -286,10 +300,12 @@ def set_direct_launch(enabled: bool) -> None:
     _DIRECT_ENABLED = enabled
 
 
-def set_launch_checks(enabled: bool) -> None:
-    """Turn the per-launch specialisation check of :class:`KernelLauncher` on or off (tests)."""
+def set_launch_checks(enabled: bool) -> bool:
+    """Turn the per-launch specialisation check of :class:`KernelLauncher` on or off (tests);
+    returns the previous setting."""
     global _CHECK_LAUNCH
-    _CHECK_LAUNCH = enabled
+    previous, _CHECK_LAUNCH = _CHECK_LAUNCH, enabled
+    return previous
 
 
 def resident_programs_per_sm(compiled: Any, num_warps: int, device: torch.device) -> Optional[int]:
@@ -345,7 +361,7 @@ def interpreting() -> bool:
 # Parameter-gradient partial sums (LayerNorm weight/bias, GELU bias)
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # the partial count follows a persistent grid's size
 def _sum_partials_kernel(PART1, PART2, OUT1, OUT2, P, N,
                          FIRST: tl.constexpr, SECOND: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
