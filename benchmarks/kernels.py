@@ -288,6 +288,7 @@ LN_CASES = [  # name, rows, N, eps, residual, dropout
     ("bert_192x30x768_res_drop0.1", 192 * 30, 768, 1e-12, True, 0.1),
     ("bert_128x35x768_res_drop0.1", 128 * 35, 768, 1e-12, True, 0.1),
 ]
+LN_QUICK = ("vit_b_64x197x768", "vit_l_64x197x1024", "bert_192x30x768_res", "bert_192x30x768_res_drop0.1")
 LN_SMOKE_CASES = [("tiny_res_drop", 9, 48, 1e-12, True, 0.1), ("tiny", 9, 48, 1e-6, False, 0.0)]
 
 
@@ -303,11 +304,13 @@ def _ln_sets(rows, n, has_res, dtype, count):
 
 
 def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
+    from blip_fast._kernels.triton import common
     from blip_fast._kernels.triton import layer_norm as ln
     from blip_fast.ops import reference as ref
     timer, dtype = ctx["timer"], DTYPE
     out = {}
-    for name, rows, n, eps, has_res, p in (LN_SMOKE_CASES if SMOKE else LN_CASES):
+    cases = LN_SMOKE_CASES if SMOKE else [c for c in LN_CASES if not ctx["quick"] or c[0] in LN_QUICK]
+    for name, rows, n, eps, has_res, p in cases:
         e = 2
         fwd_bytes = (2 + has_res) * rows * n * e
         bwd_bytes = (2 + has_res + 1 + (has_res and p > 0)) * rows * n * e
@@ -326,7 +329,6 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
             row = {}
             fwd = [lambda s=s: fn(*s[:4]) for s in sets]
             row["fwd_ms"] = timer.eager(cycle_calls(fwd))
-            row["fwd_graph_ms"] = timer.graph(cycle_calls(fwd))
             graphs = []
             for s in sets:
                 yy = fn(*s[:4])
@@ -335,11 +337,24 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
             bwd = [lambda yy=yy, lv=lv, gg=gg: torch.autograd.grad(yy, lv, gg, retain_graph=True)
                    for yy, lv, gg in graphs]
             row["bwd_ms"] = timer.eager(cycle_calls(bwd))
-            # A captured backward must run on the stream of its forward: capture both, subtract.
-            leaves_of = lambda s: [t for t in s[:4] if t is not None]  # noqa: E731
-            fwd_bwd = [lambda s=s: torch.autograd.grad(fn(*s[:4]), leaves_of(s), s[4]) for s in sets]
-            row["fwd_bwd_graph_ms"] = timer.graph(cycle_calls(fwd_bwd))
-            row["bwd_graph_ms"] = max(1e-6, row["fwd_bwd_graph_ms"] - row["fwd_graph_ms"])
+            del graphs, bwd
+            if impl == "triton":
+                # GPU time of the kernels alone: the launch functions below autograd, replayed
+                # from a CUDA graph (no autograd state is captured).
+                seed = common.draw_seed(torch.device(DEV)) if p > 0 else None
+                saved = []
+                for x, r, w, b, g in sets:
+                    _, mean, rstd = ln._forward(x, r, w, b, eps, p, seed)
+                    saved.append((x, r, w, b, g, mean, rstd))
+                row["fwd_graph_ms"] = timer.graph(cycle_calls(
+                    [lambda s=s: ln._forward(s[0], s[1], s[2], s[3], eps, p, seed) for s in saved]))
+                row["bwd_graph_ms"] = timer.graph(cycle_calls(
+                    [lambda s=s: ln._backward(s[4], s[0], s[1], s[2], s[5], s[6], p, seed, True, s[1] is not None,
+                                              True, s[3].dtype) for s in saved]))
+                del saved
+            else:
+                with torch.no_grad():
+                    row["fwd_graph_ms"] = timer.graph(cycle_calls([lambda s=s: fn(*s[:4]) for s in sets]))
             if impl == "triton":
                 for key, nbytes, copy in (("fwd", fwd_bytes, copy_f), ("bwd", bwd_bytes, copy_b)):
                     for mode in ("", "_graph"):
@@ -347,7 +362,6 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
                         row[f"{key}{mode}_gbps"] = round(gbps, 1)
                         row[f"{key}{mode}_pct_copy"] = round(100 * gbps / copy, 1)
             case[impl] = row
-            del graphs
         log(f"layer_norm {name}: " + json.dumps(case))
         out[name] = case
         del sets
@@ -379,14 +393,20 @@ def section_gelu(ctx: Dict[str, Any]) -> Dict[str, Any]:
             fwd = [lambda s=s: fn(s[0], s[1]) for s in sets]
             graphs = [(fn(s[0], s[1]), (s[0], s[1]), s[2]) for s in sets]
             bwd = [lambda y=y, lv=lv, gg=gg: torch.autograd.grad(y, lv, gg, retain_graph=True) for y, lv, gg in graphs]
-            fwd_bwd = [lambda s=s: torch.autograd.grad(fn(s[0], s[1]), (s[0], s[1]), s[2]) for s in sets]
-            row = dict(fwd_ms=timer.eager(cycle_calls(fwd)), fwd_graph_ms=timer.graph(cycle_calls(fwd)),
-                       bwd_ms=timer.eager(cycle_calls(bwd)), fwd_bwd_graph_ms=timer.graph(cycle_calls(fwd_bwd)))
-            row["bwd_graph_ms"] = max(1e-6, row["fwd_bwd_graph_ms"] - row["fwd_graph_ms"])
+            row = dict(fwd_ms=timer.eager(cycle_calls(fwd)), bwd_ms=timer.eager(cycle_calls(bwd)))
+            del graphs, bwd
+            if impl == "triton":  # kernels alone, below autograd (see section_layer_norm)
+                row["fwd_graph_ms"] = timer.graph(cycle_calls([lambda s=s: gelu._forward(s[0], s[1]) for s in sets]))
+                row["bwd_graph_ms"] = timer.graph(cycle_calls(
+                    [lambda s=s: gelu._backward(s[2], s[0], s[1], True) for s in sets]))
+            else:
+                with torch.no_grad():
+                    row["fwd_graph_ms"] = timer.graph(cycle_calls(fwd))
+                row["bwd_graph_ms"] = None
             row["fwd_graph_gbps"] = round(nbytes / row["fwd_graph_ms"] / 1e6, 1)
-            row["bwd_graph_gbps"] = round(1.5 * nbytes / row["bwd_graph_ms"] / 1e6, 1)
+            if row["bwd_graph_ms"]:
+                row["bwd_graph_gbps"] = round(1.5 * nbytes / row["bwd_graph_ms"] / 1e6, 1)
             case[impl] = row
-            del graphs
         log(f"bias_gelu {name}: " + json.dumps(case))
         out[f"bias_gelu_{name}"] = case
     # linear + GELU: the ViT fc1 / BERT intermediate layer, three ways
@@ -766,7 +786,7 @@ def markdown(report: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(t['fwd_ms'], 4)} | {_fmt(t['fwd_graph_ms'], 4)} | {t['fwd_graph_gbps']} | "
                          f"{t['fwd_graph_pct_copy']} | {_fmt(t['bwd_ms'], 4)} | {_fmt(t['bwd_graph_ms'], 4)} | "
                          f"{t['bwd_graph_gbps']} | {t['bwd_graph_pct_copy']} | {_fmt(r['fwd_ms'], 4)} | {_fmt(r['bwd_ms'], 4)} | "
-                         f"{_fmt(r['fwd_graph_ms'], 4)} | {_fmt(r['bwd_graph_ms'], 4)} |")
+                         f"{_fmt(r.get('fwd_graph_ms'), 4)} | {_fmt(r.get('bwd_graph_ms'), 4)} |")
     gl = report.get("gelu")
     if isinstance(gl, dict) and gl:
         lines.append("\n**bias + GELU / linear + GELU** (bf16), median ms\n")
