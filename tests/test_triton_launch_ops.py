@@ -307,6 +307,27 @@ def test_auto_routing_leaves_gpu_time_losses_to_sdpa(monkeypatch):
     assert check(text, image, image, key_padding_mask=mask) is None
 
 
+def test_auto_routing_of_layer_norm_and_linear_gelu(monkeypatch):
+    """Eager training LayerNorm and linear+GELU go to torch's C++ autograd path (measured faster
+    at every size); under torch.compile the LayerNorm kernel is taken; forward-only linear+GELU
+    always goes to addmm + gelu (no GPU-time gain)."""
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    x = torch.empty(12608, 768, device="meta", requires_grad=True)
+    w = torch.empty(768, device="meta", requires_grad=True)
+    assert "every size" in triton_backend._auto_layer_norm(x, w, w, 1e-6)
+    with torch.no_grad():
+        assert triton_backend._auto_layer_norm(x, w, w, 1e-6) is None
+    fc1 = torch.empty(3072, 768, device="meta", requires_grad=True)
+    b = torch.empty(3072, device="meta", requires_grad=True)
+    with torch.no_grad():
+        assert "forward-only" in triton_backend._auto_linear_gelu(x, fc1, b)
+    monkeypatch.setattr(triton_backend, "compiling", lambda: True)
+    assert triton_backend._auto_layer_norm(x, w, w, 1e-6) is None
+    assert triton_backend._auto_linear_gelu(x, fc1, b) is None
+    with torch.no_grad():
+        assert triton_backend._auto_linear_gelu(x, fc1, b) is not None
+
+
 def test_auto_routing_thresholds_are_consistent():
     for op, table in triton_backend.EAGER_MIN_WORK.items():
         for key, threshold in table.items():

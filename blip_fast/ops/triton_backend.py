@@ -10,6 +10,7 @@ that op to the next backend under ``auto``.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import torch
@@ -97,12 +98,26 @@ def _auto_check(*args, **kwargs) -> str | None:
 
 #: op -> {(training, masked): least work per call for which triton is the faster eager choice}.
 #: Work: attention 4*B*H*Lq*Lk*D (forward FLOPs); layer_norm and bias_gelu elements;
-#: linear_gelu output elements. ``training``: autograd records the call.
+#: linear_gelu output elements. ``training``: autograd records the call; ``masked``: a key padding
+#: mask (attention) or a residual (layer_norm). Measured eagerly (do_bench, L2 flushed) through
+#: blip_fast.ops on an H100 host, 2026-11-23, bf16 (RESULTS.md, "Kernels", crossover tables):
+#:
+#: * attention with a mask: triton faster at every size (B = 1..64, L = 30), forward and
+#:   forward+backward (SDPA pays for building the mask and cannot use flash);
+#: * attention without a mask, forward+backward: SDPA (cuDNN) faster or level up to 7.6 GFLOP
+#:   (ViT-B/16 at 224, B = 64), where triton's GPU-time lead (8%) is under the eager noise;
+#: * attention without a mask, forward: SDPA faster up to 0.3-1.9 GFLOP, triton from 1.2 GFLOP
+#:   (cross-attention B = 64: 0.0276 vs 0.0294 ms) and far ahead at 7.6 (0.056 vs 0.121 ms);
+#: * layer_norm forward+backward: torch's C++ autograd path faster at every measured size
+#:   (64 to 16384 rows of 768, with or without residual and dropout); forward: triton faster;
+#: * bias_gelu forward+backward: triton faster at 17.7M and 38.7M elements (BERT, ViT MLPs);
+#: * linear_gelu forward+backward: addmm + gelu faster eagerly at every size (64..12608 rows).
+NEVER = math.inf
 EAGER_MIN_WORK = {
-    "attention": {(True, False): 0, (True, True): 0, (False, False): 0, (False, True): 0},
-    "layer_norm": {(True, False): 0, (True, True): 0, (False, False): 0, (False, True): 0},
-    "bias_gelu": {(True, False): 0, (False, False): 0},
-    "linear_gelu": {(True, False): 0, (False, False): 0},
+    "attention": {(True, False): 8e9, (True, True): 0, (False, False): 1.1e9, (False, True): 0},
+    "layer_norm": {(True, False): NEVER, (True, True): NEVER, (False, False): 0, (False, True): 0},
+    "bias_gelu": {(True, False): 16e6, (False, False): 0},
+    "linear_gelu": {(True, False): NEVER, (False, False): NEVER},
 }
 
 
@@ -122,8 +137,11 @@ def _below_crossover(op: str, work: int, training: bool, masked: bool) -> str | 
     threshold = EAGER_MIN_WORK[op].get((training, masked), 0)
     if work >= threshold or compiling() or _capturing():
         return None
-    return (f"eager {op} of {work} work units is below the measured crossover ({threshold}) where "
-            f"the triton launch path's host time outweighs its GPU time; the next backend is faster")
+    if threshold == NEVER:
+        return (f"eager {op} ({'training' if training else 'inference'}): the next backend measured "
+                f"faster at every size (host time of the Python launch path; RESULTS.md, Kernels)")
+    return (f"eager {op} of {work:.3g} work units is below the measured crossover ({threshold:.3g}) "
+            f"where the triton launch path's host time outweighs its GPU time; the next backend is faster")
 
 
 #: Attention calls where cuDNN (through the ``sdpa`` backend) is faster on the GPU itself, eager or
@@ -178,6 +196,11 @@ def _auto_bias_gelu(x, bias):
 
 def _auto_linear_gelu(x, weight, bias):
     reason = _auto_check()
+    if reason is None and not _training(x, weight, bias):
+        # Forward only, the fused bias+GELU after a bias-free matmul moves the same bytes as
+        # addmm (bias in the cuBLAS epilogue) + gelu: measured level or slower on the GPU too
+        # (ViT fc1 0.151 vs 0.151 ms, ViT-L fc1 0.239 vs 0.226 ms, CUDA graph).
+        reason = "forward-only linear+GELU: addmm + gelu measured as fast on the GPU (RESULTS.md, Kernels)"
     if reason is None:
         reason = _below_crossover("linear_gelu", x.numel() // max(1, x.shape[-1]) * weight.shape[0],
                                   _training(x, weight, bias), False)

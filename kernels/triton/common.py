@@ -386,8 +386,10 @@ def _sum_partials_kernel(PART1, PART2, OUT1, OUT2, P, N,
 
 
 _SUM = KernelLauncher(_sum_partials_kernel)
-_SUM_BLOCK_N = 128
-_SUM_BLOCK_P = 32
+# Narrow column blocks and tall row blocks: the partial counts are a persistent grid's size
+# (hundreds of rows), and 128-wide blocks left 6 programs for N = 768, each looping ~25 times.
+_SUM_BLOCK_N = 16
+_SUM_BLOCK_P = 256
 
 
 def sum_partials_plan(n: int, first: bool, second: bool) -> LaunchPlan:
