@@ -122,14 +122,16 @@ def host_us(fn: Callable[[], object], calls: int = 100) -> float:
     return elapsed / calls * 1e6
 
 
-def copy_gbps(nbytes: int, timer: Timer) -> float:
-    """``dst.copy_(src)`` bandwidth counting bytes read + written (``nbytes`` moved in all)."""
+def copy_gbps(nbytes: int, timer: Timer, graph: bool = False) -> float:
+    """``dst.copy_(src)`` bandwidth counting bytes read + written (``nbytes`` moved in all),
+    timed like the op it is compared with (eager, or replayed from a CUDA graph)."""
     numel = max(1, nbytes // 4)
     pairs = []
     for _ in range(max(2, min(8, (256 << 20) // max(1, nbytes)))):
         src = torch.empty(numel // 2 + 1, dtype=torch.float32, device=DEV).uniform_()
         pairs.append((src, torch.empty_like(src)))
-    ms = timer.eager(cycle_calls([lambda s=s, d=d: d.copy_(s) for s, d in pairs]))
+    call = cycle_calls([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+    ms = timer.graph(call) if graph else timer.eager(call)
     return nbytes / ms / 1e6
 
 
@@ -315,11 +317,13 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
         fwd_bytes = (2 + has_res) * rows * n * e
         bwd_bytes = (2 + has_res + 1 + (has_res and p > 0)) * rows * n * e
         copy_f, copy_b = copy_gbps(fwd_bytes, timer), copy_gbps(bwd_bytes, timer)
+        copy_fg, copy_bg = copy_gbps(fwd_bytes, timer, graph=True), copy_gbps(bwd_bytes, timer, graph=True)
         sets = _ln_sets(rows, n, has_res, dtype, max(2, min(8, (256 << 20) // fwd_bytes)))
         impls = {"triton": lambda x, r, w, b: ln.layer_norm(x, w, b, eps, r, p),
                  "reference": lambda x, r, w, b: ref.layer_norm(x, w, b, eps, r, p)}
         case = dict(rows=rows, n=n, residual=has_res, dropout=p, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
-                    copy_gbps_fwd_size=round(copy_f, 1), copy_gbps_bwd_size=round(copy_b, 1))
+                    copy_gbps_fwd_size=round(copy_f, 1), copy_gbps_bwd_size=round(copy_b, 1),
+                    copy_graph_gbps_fwd_size=round(copy_fg, 1), copy_graph_gbps_bwd_size=round(copy_bg, 1))
         # parity (no dropout: the reference draws its own mask)
         x, r, w, b, g = sets[0]
         y = ln.layer_norm(x, w, b, eps, r, 0.0)
@@ -356,8 +360,8 @@ def section_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
                 with torch.no_grad():
                     row["fwd_graph_ms"] = timer.graph(cycle_calls([lambda s=s: fn(*s[:4]) for s in sets]))
             if impl == "triton":
-                for key, nbytes, copy in (("fwd", fwd_bytes, copy_f), ("bwd", bwd_bytes, copy_b)):
-                    for mode in ("", "_graph"):
+                for key, nbytes, copies in (("fwd", fwd_bytes, (copy_f, copy_fg)), ("bwd", bwd_bytes, (copy_b, copy_bg))):
+                    for mode, copy in (("", copies[0]), ("_graph", copies[1])):
                         gbps = nbytes / row[f"{key}{mode}_ms"] / 1e6
                         row[f"{key}{mode}_gbps"] = round(gbps, 1)
                         row[f"{key}{mode}_pct_copy"] = round(100 * gbps / copy, 1)

@@ -16,6 +16,8 @@ SCOPE=${2:-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/blip_fast_triton_cache}
+# A copy of the tree without .git records its commit in a file named COMMIT.
+[ -z "${BLIP_FAST_GIT_COMMIT:-}" ] && [ -f COMMIT ] && export BLIP_FAST_GIT_COMMIT=$(cat COMMIT)
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv;
   python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
