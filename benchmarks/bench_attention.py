@@ -47,9 +47,13 @@ class Shape:
 SHAPES: Sequence[Shape] = (
     Shape("vit224_self", 64, 12, 197, 197),
     Shape("vit384_self", 32, 12, 577, 577),
+    Shape("vit480_self", 16, 12, 901, 901),
     Shape("bert_pad_self", 192, 12, 30, 30, padding=True),
     Shape("cross_30_to_197", 192, 12, 30, 197),
+    Shape("cross_35_to_577_pad", 64, 12, 35, 577, padding=True),
     Shape("decoder_causal_pad", 64, 12, 30, 30, padding=True, causal=True),
+    Shape("vit224_self_d32", 64, 24, 197, 197, head_dim=32),
+    Shape("vit224_self_d128", 64, 6, 197, 197, head_dim=128),
 )
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")

@@ -183,21 +183,25 @@ def sweep_layer_norm(bench: Bench, out: Dict) -> None:
     rows = []
     for row_elems in (1024, 2048, 4096, 8192):
         ln_mod.FWD_ROW_ELEMENTS = row_elems
+        ln_mod.clear_plans()
         ms = bench.time_ms([lambda t=t: ln_mod.layer_norm(t, w, b, 1e-6) for t in x])
         rows.append({"row_elements": row_elems, "ms": round(ms, 4),
                      "gbps": round(2 * m * n * 2 / ms / 1e6, 1)})
     ln_mod.FWD_ROW_ELEMENTS = saved
+    ln_mod.clear_plans()
     out["layer_norm_fwd_vit_bf16"] = rows
     saved = ln_mod.BWD_PROGRAMS_PER_SM, ln_mod.BWD_ROW_ELEMENTS
     rows = []
     for per_sm, row_elems in itertools.product((2, 4, 8, 16), (1024, 4096)):
         ln_mod.BWD_PROGRAMS_PER_SM, ln_mod.BWD_ROW_ELEMENTS = per_sm, row_elems
+        ln_mod.clear_plans()
         ys = [ln_mod.layer_norm(t, w, b, 1e-6) for t in x]
         ms = bench.time_ms([lambda y=y, t=t: torch.autograd.grad(y, (t, w, b), g, retain_graph=True)
                             for y, t in zip(ys, x)])
         rows.append({"programs_per_sm": per_sm, "row_elements": row_elems, "ms": round(ms, 4),
                      "gbps": round(3 * m * n * 2 / ms / 1e6, 1)})
     ln_mod.BWD_PROGRAMS_PER_SM, ln_mod.BWD_ROW_ELEMENTS = saved
+    ln_mod.clear_plans()
     out["layer_norm_bwd_vit_bf16"] = rows
 
 
@@ -246,12 +250,14 @@ def sweep_bias_gelu_bwd(bench: Bench, out: Dict) -> None:
     rows = []
     for per_sm in (4, 8, 16, 32):
         gelu_mod.BWD_PROGRAMS_PER_SM = per_sm
+        gelu_mod.clear_plans()
         graphs = [(gelu_mod.bias_gelu(x, b), (x, b)) for x, b in sets]
         ms = bench.time_ms([lambda y=y, lv=lv: torch.autograd.grad(y, lv, g, retain_graph=True)
                             for y, lv in graphs])
         rows.append({"programs_per_sm": per_sm, "ms": round(ms, 4),
                      "gbps": round(3 * m * n * 2 / ms / 1e6, 1)})
     gelu_mod.BWD_PROGRAMS_PER_SM = saved
+    gelu_mod.clear_plans()
     out["bias_gelu_bwd_vit_bf16"] = rows
 
 

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the triton build
     sys.exit(2)
 
 from blip_fast._kernels.triton import bias_gelu as gelu_mod
+from blip_fast._kernels.triton import common
 from blip_fast._kernels.triton import cross_entropy as ce_mod
 from blip_fast._kernels.triton import layer_norm as ln_mod
 
@@ -53,12 +54,12 @@ def _ptxas_info(ptx: str) -> str:
     return ""
 
 
-def compile_kernel(kernel, types: dict, constexprs: dict, num_warps: int) -> str:
+def compile_kernel(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
     """Compile ``kernel`` for sm_90; ``types`` maps each runtime argument to a triton type."""
     names = inspect.signature(kernel.fn).parameters
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=TARGET, options={"num_warps": num_warps})
+                              target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     return _ptxas_info(compiled.asm["ptx"])
 
 
@@ -70,18 +71,18 @@ def configurations():
         for n in ((48, 768) if dt == "bf16" else (768,)):
             block = triton.next_power_of_2(n)
             rows = ln_mod._rows_per_block(block, ln_mod.FWD_ROW_ELEMENTS)
-            types = dict(X=p, R=p, W=p, B=p, Y=p, MEAN="*fp32", RSTD="*fp32", stride_x=i32,
-                         stride_r=i32, stride_y=i32, M=i32, N=i32, eps=f32, p=f32,
-                         keep_scale=f32, seed=i32)
+            types = dict(X=p, R=p, W=p, B=p, SEED="*i64", Y=p, MEAN="*fp32", RSTD="*fp32",
+                         stride_x=i32, stride_r=i32, stride_y=i32, M=i32, N=i32, eps=f32, p=f32,
+                         keep_scale=f32)
             for drop in (False, True):
                 yield (f"layer_norm fwd {dt} N={n} dropout={drop}", ln_mod._ln_fwd_kernel, types,
                        dict(HAS_R=True, HAS_W=True, HAS_B=True, HAS_DROPOUT=drop, ROWS=rows,
                             BLOCK_N=block), ln_mod.row_warps(block * rows))
             rows = ln_mod._rows_per_block(block, ln_mod.BWD_ROW_ELEMENTS)
-            types = dict(X=p, R=p, W=p, DY=p, DX=p, DR=p, DW_PART="*fp32", DB_PART="*fp32",
-                         MEAN="*fp32", RSTD="*fp32", stride_x=i32, stride_r=i32, stride_dy=i32,
-                         stride_dx=i32, stride_dr=i32, M=i32, N=i32, blocks_per_program=i32,
-                         p=f32, keep_scale=f32, seed=i32)
+            types = dict(X=p, R=p, W=p, SEED="*i64", DY=p, DX=p, DR=p, DW_PART="*fp32",
+                         DB_PART="*fp32", MEAN="*fp32", RSTD="*fp32", stride_x=i32, stride_r=i32,
+                         stride_dy=i32, stride_dx=i32, stride_dr=i32, M=i32, N=i32,
+                         blocks_per_program=i32, p=f32, keep_scale=f32)
             for drop in (False, True):
                 yield (f"layer_norm bwd {dt} N={n} dropout={drop}", ln_mod._ln_bwd_kernel, types,
                        dict(HAS_R=True, HAS_W=True, HAS_DROPOUT=drop, STORE_DR=drop,
@@ -105,8 +106,12 @@ def configurations():
                         smooth_per_class=f32, smoothing=f32),
                    dict(COMPUTE_GRAD=grad, HAS_SMOOTHING=True, BLOCK_V=block_v),
                    ce_mod._ce_warps(block_v))
-    yield ("dropout mask", ln_mod._dropout_mask_kernel, dict(OUT="*i8", N="i32", p="fp32", seed="i32"),
+    yield ("dropout mask", ln_mod._dropout_mask_kernel, dict(OUT="*i8", SEED="*i64", N="i32", p="fp32"),
            dict(BLOCK_N=1024), 4)
+    plan = common.sum_partials_plan(768, True, True)
+    yield ("parameter-gradient partial sums", common._sum_partials_kernel,
+           dict(PART1="*fp32", PART2="*fp32", OUT1="*bf16", OUT2="*bf16", P="i32", N="i32"),
+           plan.constexprs, plan.options["num_warps"])
 
 
 def main() -> int:

@@ -132,12 +132,15 @@ def test_matches_reference_half(case, dtype):
     check_against_reference(q, k, v, mask, causal)
 
 
+@pytest.mark.parametrize("inline_delta", [True, False], ids=["inline_delta", "delta_kernel"])
 @pytest.mark.parametrize("case", ["causal_L70", "causal_br_7_to_33", "causal_br_33_to_7_pad",
                                   "cross_33_to_70_pad", "self_L70_d64"])
-def test_small_unequal_blocks(case, monkeypatch):
+def test_small_unequal_blocks(case, inline_delta, monkeypatch):
     """Many blocks, BLOCK_M != BLOCK_N, two-kind backward even for short Lq: exercises the
-    interior/diagonal split of every loop."""
+    interior/diagonal split of every loop, with delta computed inside the backward or by its
+    own kernel."""
     monkeypatch.setattr(attn_mod, "SHORT_Q_MAX", 0)
+    monkeypatch.setattr(attn_mod, "INLINE_DELTA", inline_delta)
     monkeypatch.setattr(attn_mod, "_INTERPRETER_FWD", attn_mod.FwdConfig(16, 32, 1, 1))
     monkeypatch.setattr(attn_mod, "_INTERPRETER_BWD", attn_mod.BwdConfig(16, 32, 32, 16, 1, 1))
     b, h, lq, lk, d, lengths, causal = CASES[case]

@@ -84,13 +84,30 @@ _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar
 )
 _process_default: Optional[str] = None
 _logged_fallbacks: set = set()
-# torch.compile cannot trace ContextVar.get: traced code reads this mirror of the use_backend
-# nesting instead (dynamo guards on it, so a different selection recompiles).
+# torch.compile cannot trace ContextVar calls: use_backend also keeps its selection on this stack
+# (a plain list, which dynamo traces and guards on, so another selection recompiles); with the
+# stack empty, the context entered outside the compiled region is read once per trace.
 _traced_stack: List[str] = []
 
 
 def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def _assume_constant(fn):
+    try:
+        return torch.compiler.assume_constant_result(fn)
+    except AttributeError:  # pragma: no cover - old torch
+        return fn
+
+
+@_assume_constant
+def _context_at_trace() -> str:
+    """The use_backend context in effect when torch.compile traces (a constant of the graph)."""
+    return _context_backend.get() or ""
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -149,7 +166,10 @@ def set_backend(name: Optional[str]) -> None:
 
 def get_backend() -> str:
     """The backend name in effect here: context, then process default, then env var, then auto."""
-    name = (_traced_stack[-1] if _traced_stack else None) if _compiling() else _context_backend.get()
+    if _compiling():
+        name = _traced_stack[-1] if _traced_stack else (_context_at_trace() or None)
+    else:
+        name = _context_backend.get()
     if name is not None:
         return name
     if _process_default is not None:
@@ -168,6 +188,13 @@ def use_backend(name: Optional[str]) -> Iterator[str]:
     """
     if name is None:
         yield get_backend()
+        return
+    if _compiling():
+        _traced_stack.append(_validate(name))
+        try:
+            yield name
+        finally:
+            _traced_stack.pop()
         return
     token = _context_backend.set(_validate(name))
     _traced_stack.append(name)

@@ -42,8 +42,7 @@ Layouts
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -51,13 +50,18 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .common import (
+    KernelLauncher,
+    LaunchPlan,
+    align16,
     cdiv,
+    compiling,
     draw_seed,
     dropout_keep,
     interpreting,
     load_tile,
     new_output,
     next_power_of_2,
+    seed_tensor,
     store_tile,
     tile_ptrs,
     tune,
@@ -109,6 +113,16 @@ def _rng_rows(b, h, H, Lq, Lk, offs_m, RNG64: tl.constexpr):
     else:
         rows = ((b * H + h) * Lq + offs_m) * Lk
     return rows
+
+
+@triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The dropout seed, read from device memory (graph replays see fresh seeds); 0 unused."""
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    return seed
 
 
 @triton.jit
@@ -170,19 +184,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, KPM, Out, LSE,
+    Q, K, V, KPM, SEED, Out, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
-    H, Lq, Lk, qk_scale, seed, dropout_p,
+    H, Lq, Lk, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid ``(cdiv(Lq, BLOCK_M), H, B)``. Q: (B, H, Lq, D), K/V: (B, H, Lk, D), KPM: (B, Lk)
-    uint8, Out: (B, H, Lq, D) in the input dtype, LSE: (B, H, Lq) float32 contiguous (base 2,
+    bool, SEED: one int64 (read only with DROPOUT), Out: (B, H, Lq, D) in the input dtype, LSE: (B, H, Lq) float32 contiguous (base 2,
     +inf for rows that keep no key). ``qk_scale`` = scale * log2(e)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -199,6 +213,7 @@ def _attn_fwd_kernel(
     causal_shift = Lk - Lq
     q_pos = (offs_m + causal_shift)[:, None]
     rng_rows = _rng_rows(b, h, H, Lq, Lk, offs_m, RNG64)[:, None]
+    seed = _load_seed(SEED, DROPOUT)
 
     # A finite initial max keeps exp2(m_old - m_new) NaN-free while a row has seen no key.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -251,12 +266,12 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, key_keep, q_base, do_base, lse_base, delta_base,
-                    stride_qm, stride_qd, stride_gm, stride_gd, k_pos, rng_cols,
+def _bwd_dkdv_inner(dk, dv, k, v, key_keep, q_base, do_base, o_base, lse_base, delta_base,
+                    stride_qm, stride_qd, stride_gm, stride_gd, stride_om, stride_od, k_pos, rng_cols,
                     lo, hi, Lq, Lk, qk_scale, seed, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    INLINE_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, BLOCK_D) float32 of one key block over query blocks [lo, hi).
 
     Works on transposed tiles (keys along rows) so that no probability tile is transposed.
@@ -264,6 +279,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_keep, q_base, do_base, lse_base, delta_bas
     (BLOCK_N, 1) key index minus the causal shift; rng_cols: (BLOCK_N, 1) dropout counters of
     (query 0, key). Query rows past Lq load q = dO = 0 and lse = +inf, hence p = 0: they need
     no mask. Key rows past Lk only produce garbage in rows of dK/dV that are never stored.
+    With INLINE_DELTA, ``delta = rowsum(dO * O)`` of each query block is recomputed here from
+    the output (o_base) instead of read from a buffer a separate kernel filled.
     """
     offs_d = tl.arange(0, BLOCK_D)
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -287,7 +304,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_keep, q_base, do_base, lse_base, delta_bas
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+        if INLINE_DELTA:
+            o = load_tile(tile_ptrs(o_base, offs_m, offs_d, stride_om, stride_od), offs_m, offs_d,
+                          Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        else:
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -328,10 +350,11 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base,
 
 
 @triton.jit
-def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
+def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, Out, DO, LSE, Delta, DK, DV,
                       stride_qb, stride_qh, stride_qm, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd,
                       stride_vb, stride_vh, stride_vn, stride_vd,
+                      stride_ob, stride_oh, stride_om, stride_od,
                       stride_gb, stride_gh, stride_gm, stride_gd,
                       stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                       stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -339,7 +362,7 @@ def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
                       H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                      RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      RNG64: tl.constexpr, INLINE_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of the key block ``[start_n, start_n + BLOCK_N)`` of head (b, h)."""
     b64 = b.to(tl.int64)
@@ -355,6 +378,7 @@ def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
         key_keep = tl.load(KPM + b64 * stride_mb + offs_n * stride_mn, mask=offs_n < Lk, other=0) != 0
     q_base = Q + b64 * stride_qb + h64 * stride_qh
     do_base = DO + b64 * stride_gb + h64 * stride_gh
+    o_base = Out + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * H + h64) * Lq
     delta_base = Delta + (b64 * H + h64) * Lq
     causal_shift = Lk - Lq
@@ -369,15 +393,15 @@ def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
         full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
         full = tl.minimum(tl.maximum(full, lo), Lq)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, key_keep, q_base, do_base, lse_base, delta_base,
-            stride_qm, stride_qd, stride_gm, stride_gd, k_pos, rng_cols, lo, full, Lq, Lk,
-            qk_scale, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KPM, DROPOUT,
-            DOT_PRECISION)
+            dk, dv, k, v, key_keep, q_base, do_base, o_base, lse_base, delta_base,
+            stride_qm, stride_qd, stride_gm, stride_gd, stride_om, stride_od, k_pos, rng_cols,
+            lo, full, Lq, Lk, qk_scale, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, True,
+            HAS_KPM, DROPOUT, INLINE_DELTA, DOT_PRECISION)
     dk, dv = _bwd_dkdv_inner(
-        dk, dv, k, v, key_keep, q_base, do_base, lse_base, delta_base,
-        stride_qm, stride_qd, stride_gm, stride_gd, k_pos, rng_cols, full, Lq, Lq, Lk,
-        qk_scale, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KPM, DROPOUT,
-        DOT_PRECISION)
+        dk, dv, k, v, key_keep, q_base, do_base, o_base, lse_base, delta_base,
+        stride_qm, stride_qd, stride_gm, stride_gd, stride_om, stride_od, k_pos, rng_cols,
+        full, Lq, Lq, Lk, qk_scale, seed, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+        HAS_KPM, DROPOUT, INLINE_DELTA, DOT_PRECISION)
     dk_ptrs = tile_ptrs(DK + b64 * stride_dkb + h64 * stride_dkh, offs_n, offs_d, stride_dkn, stride_dkd)
     dv_ptrs = tile_ptrs(DV + b64 * stride_dvb + h64 * stride_dvh, offs_n, offs_d, stride_dvn, stride_dvd)
     store_tile(dk_ptrs, dk * sm_scale, offs_n, offs_d, Lk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
@@ -385,17 +409,18 @@ def _bwd_dkdv_program(start_n, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_program(start_m, b, h, Q, K, V, KPM, DO, LSE, Delta, DQ,
+def _bwd_dq_program(start_m, b, h, Q, K, V, KPM, Out, DO, LSE, Delta, DQ,
                     stride_qb, stride_qh, stride_qm, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_ob, stride_oh, stride_om, stride_od,
                     stride_gb, stride_gh, stride_gm, stride_gd,
                     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                     stride_mb, stride_mn,
                     H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                    RNG64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    RNG64: tl.constexpr, INLINE_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of the query block ``[start_m, start_m + BLOCK_M)`` of head (b, h)."""
     b64 = b.to(tl.int64)
@@ -407,7 +432,12 @@ def _bwd_dq_program(start_m, b, h, Q, K, V, KPM, DO, LSE, Delta, DQ,
     do = load_tile(tile_ptrs(DO + b64 * stride_gb + h64 * stride_gh, offs_m, offs_d, stride_gm, stride_gd),
                    offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     lse = tl.load(LSE + (b64 * H + h64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    delta = tl.load(Delta + (b64 * H + h64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    if INLINE_DELTA:
+        o = load_tile(tile_ptrs(Out + b64 * stride_ob + h64 * stride_oh, offs_m, offs_d, stride_om, stride_od),
+                      offs_m, offs_d, Lq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    else:
+        delta = tl.load(Delta + (b64 * H + h64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
     kpm_base = KPM + b64 * stride_mb
@@ -430,44 +460,52 @@ def _bwd_dq_program(start_m, b, h, Q, K, V, KPM, DO, LSE, Delta, DQ,
 
 @triton.jit
 def _attn_bwd_kernel(
-    Q, K, V, KPM, DO, LSE, Delta, DQ, DK, DV,
+    Q, K, V, KPM, SEED, Out, DO, LSE, Delta, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
-    H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
+    H, Lq, Lk, sm_scale, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INLINE_DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
     """Grid ``(cdiv(Lk, BLOCK_N1) + cdiv(Lq, BLOCK_M2), H, B)``: programs below
     ``cdiv(Lk, BLOCK_N1)`` write dK, dV of one key block; the others write dQ of one query block.
-    Shapes as in the forward; DO may have any strides; DQ/DK/DV are in the input dtype."""
+    Shapes as in the forward; Out is the forward output (read for delta when INLINE_DELTA, else
+    Delta holds ``rowsum(dO * O)`` from :func:`_attn_bwd_delta_kernel`); DO may have any
+    strides; DQ/DK/DV are in the input dtype."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    seed = _load_seed(SEED, DROPOUT)
     n_key_blocks = tl.cdiv(Lk, BLOCK_N1)
     if pid < n_key_blocks:
         _bwd_dkdv_program(
-            pid * BLOCK_N1, b, h, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
+            pid * BLOCK_N1, b, h, Q, K, V, KPM, Out, DO, LSE, Delta, DK, DV,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-            stride_vb, stride_vh, stride_vn, stride_vd, stride_gb, stride_gh, stride_gm, stride_gd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+            stride_gb, stride_gh, stride_gm, stride_gd,
             stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             stride_mb, stride_mn, H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
-            HEAD_DIM, BLOCK_D, HAS_KPM, CAUSAL, DROPOUT, RNG64, DOT_PRECISION, BLOCK_M1, BLOCK_N1)
+            HEAD_DIM, BLOCK_D, HAS_KPM, CAUSAL, DROPOUT, RNG64, INLINE_DELTA, DOT_PRECISION,
+            BLOCK_M1, BLOCK_N1)
     else:
         _bwd_dq_program(
-            (pid - n_key_blocks) * BLOCK_M2, b, h, Q, K, V, KPM, DO, LSE, Delta, DQ,
+            (pid - n_key_blocks) * BLOCK_M2, b, h, Q, K, V, KPM, Out, DO, LSE, Delta, DQ,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-            stride_vb, stride_vh, stride_vn, stride_vd, stride_gb, stride_gh, stride_gm, stride_gd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+            stride_gb, stride_gh, stride_gm, stride_gd,
             stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_mb, stride_mn,
             H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
-            HEAD_DIM, BLOCK_D, HAS_KPM, CAUSAL, DROPOUT, RNG64, DOT_PRECISION, BLOCK_M2, BLOCK_N2)
+            HEAD_DIM, BLOCK_D, HAS_KPM, CAUSAL, DROPOUT, RNG64, INLINE_DELTA, DOT_PRECISION,
+            BLOCK_M2, BLOCK_N2)
 
 
 @triton.jit
@@ -517,7 +555,7 @@ def _bwd_short_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, dk_base, d
 
 @triton.jit
 def _attn_bwd_short_kernel(
-    Q, K, V, KPM, Out, DO, LSE, DQ, DK, DV,
+    Q, K, V, KPM, SEED, Out, DO, LSE, DQ, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -527,7 +565,7 @@ def _attn_bwd_short_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
-    H, Lq, Lk, sm_scale, qk_scale, seed, dropout_p,
+    H, Lq, Lk, sm_scale, qk_scale, dropout_p,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, RNG64: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -557,6 +595,7 @@ def _attn_bwd_short_kernel(
     causal_shift = Lk - Lq
     q_pos = (offs_m + causal_shift)[:, None]
     rng_rows = _rng_rows(b, h, H, Lq, Lk, offs_m, RNG64)[:, None]
+    seed = _load_seed(SEED, DROPOUT)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # With every query here, bottom-right causal masking leaves no key unseen: hi == Lk, so
     # every dK/dV row is written.
@@ -578,9 +617,10 @@ def _attn_bwd_short_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, H, Lq, Lk, seed, dropout_p,
+def _dropout_mask_kernel(Mask, SEED, H, Lq, Lk, dropout_p,
                          RNG64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Lq, BLOCK_M), H, B)``: Mask (B, H, Lq, Lk) uint8 contiguous, 1 = kept."""
+    seed = tl.load(SEED)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_rows = _rng_rows(tl.program_id(2), tl.program_id(1), H, Lq, Lk, offs_m, RNG64)[:, None]
     for start_n in tl.range(0, Lk, BLOCK_N):
@@ -595,16 +635,14 @@ def _dropout_mask_kernel(Mask, H, Lq, Lk, seed, dropout_p,
 # Launch configurations
 # ============================================================================================
 
-@dataclass(frozen=True)
-class FwdConfig:
+class FwdConfig(NamedTuple):
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
 
 
-@dataclass(frozen=True)
-class BwdConfig:
+class BwdConfig(NamedTuple):
     """Blocks of the two-kind backward (:func:`_attn_bwd_kernel`)."""
 
     block_m1: int  # query block of the dK/dV programs
@@ -615,8 +653,7 @@ class BwdConfig:
     num_stages: int = 2
 
 
-@dataclass(frozen=True)
-class ShortBwdConfig:
+class ShortBwdConfig(NamedTuple):
     """Blocks of the one-program-per-head backward (:func:`_attn_bwd_short_kernel`); its query
     block is ``Lq`` rounded up to a power of two."""
 
@@ -628,6 +665,15 @@ class ShortBwdConfig:
 #: Largest Lq that takes the one-program-per-head backward (text self/cross-attention). Longer
 #: query sequences need several programs per head for parallelism and registers.
 SHORT_Q_MAX = 64
+#: Let the two-kind backward recompute ``delta = rowsum(dO * O)`` inside its programs instead of
+#: running a separate kernel for it (one launch and one pass over dO and O fewer), where the
+#: registers allow (16-bit inputs with D <= 64: no spills for sm_90; at D = 128 or in float32
+#: the extra tile spills, see tests/compile_check_attention.py). Off: measured on an H100 the
+#: extra O loads in the dK/dV loop cost more than the separate kernel (bf16, D = 64: backward
+#: 431 us with it vs 387 us kernel + delta without at L = 577; 156 vs 149 us at L = 197;
+#: benchmarks/RESULTS.md, "Kernels").
+INLINE_DELTA = False
+INLINE_DELTA_MAX_D = 64
 
 # Interpreter: large blocks keep the CPU tests fast (each device-function call costs ~1 ms there);
 # the tests override them to cover multi-block and unequal-block paths.
@@ -643,12 +689,17 @@ _FWD_CANDIDATES: Sequence[FwdConfig] = (
 _BWD_CANDIDATES: Sequence[BwdConfig] = (
     BwdConfig(32, 64, 64, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(64, 64, 64, 64, 8, 2),
     BwdConfig(32, 128, 128, 32, 8, 2), BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(64, 64, 64, 64, 4, 2),
+    BwdConfig(64, 128, 128, 64, 8, 2), BwdConfig(64, 128, 128, 32, 8, 3),
     BwdConfig(32, 64, 32, 32, 4, 2), BwdConfig(32, 32, 32, 32, 4, 2), BwdConfig(16, 32, 32, 16, 4, 2),
 )
 _SHORT_BWD_CANDIDATES: Sequence[ShortBwdConfig] = (
     ShortBwdConfig(32, 4, 2), ShortBwdConfig(64, 4, 2), ShortBwdConfig(64, 4, 3), ShortBwdConfig(32, 2, 2),
     ShortBwdConfig(64, 8, 2), ShortBwdConfig(128, 8, 2),
 )
+
+#: Configurations forced by benchmarks (``{"fwd": FwdConfig, "bwd": BwdConfig, "short": ...}``);
+#: call :func:`clear_plans` after changing it.
+CONFIG_OVERRIDES: Dict[str, object] = {}
 
 
 def _bucket(n: int) -> int:
@@ -657,13 +708,16 @@ def _bucket(n: int) -> int:
 
 
 # The built-in choices below are the fastest candidates measured on an H100 (bf16, D = 64, see
-# benchmarks/notes_attention.md); register and shared-memory use was checked for D up to 128.
+# benchmarks/notes_attention.md). At D = 128 they are the D = 64 blocks that compile without
+# register spills for sm_90 (ptxas through tests/compile_check_attention.py).
 
 def _fwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> FwdConfig:
     """Built-in forward blocks for sm_90."""
     if dtype == torch.float32:  # float32 dots run on the FMA units: small tiles, fewer registers
         return FwdConfig(32, 32, 4, 2)
     bucket = _bucket(lq)
+    if d > 64:
+        return FwdConfig(128, 32, 8, 3) if bucket >= 128 else FwdConfig(min(bucket, 64), 32, 4, 3)
     if bucket >= 1024:
         return FwdConfig(64, 64, 4, 3)
     if bucket >= 128:
@@ -675,13 +729,15 @@ def _fwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> FwdConfig:
 
 def _bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> BwdConfig:
     """Built-in blocks of the two-kind backward for sm_90."""
-    if dtype == torch.float32:
+    if dtype == torch.float32 or d > 64:
         return BwdConfig(32, 32, 32, 32, 4, 2)
     return BwdConfig(32, 64, 64, 32, 4, 3)
 
 
 def _short_bwd_config(d: int, lq: int, lk: int, dtype: torch.dtype) -> ShortBwdConfig:
     """Built-in blocks of the one-program-per-head backward for sm_90."""
+    if d > 64 and dtype != torch.float32:
+        return ShortBwdConfig(32, 8, 2) if lq <= 32 else ShortBwdConfig(16, 8, 2)
     if dtype == torch.float32 or d > 64 or lq > 32:
         return ShortBwdConfig(32, 4, 2)  # 64 x 64 float32 tiles would spill
     return ShortBwdConfig(64 if lk > 32 else 32, 4, 2)
@@ -698,6 +754,38 @@ def _fits(lq: int, lk: int, block_q: int, block_k: int) -> bool:
 # ============================================================================================
 # Host wrappers
 # ============================================================================================
+#
+# The launch path is the host-time budget of every eager step: each call builds a small key of
+# what the kernel specialises on (dtype, shapes, strides, 16-byte alignment, mask and dropout
+# flags), finds the launch plan made for it (blocks, grid, constexprs, and after the first launch
+# the compiled kernel, launched directly: see common.KernelLauncher), allocates its outputs with
+# one call each and launches. On the CPU interpreter, where tests patch the block choices, plans
+# are rebuilt on every call.
+
+_INTERPRET = interpreting()  # fixed at import, as triton's @jit decided it for the kernels
+_FWD = KernelLauncher(_attn_fwd_kernel)
+_BWD = KernelLauncher(_attn_bwd_kernel)
+_BWD_SHORT = KernelLauncher(_attn_bwd_short_kernel)
+_BWD_DELTA = KernelLauncher(_attn_bwd_delta_kernel)
+_FWD_PLANS: Dict[tuple, LaunchPlan] = {}
+_BWD_PLANS: Dict[tuple, LaunchPlan] = {}
+_MAX_PLANS = 4096  # distinct shapes; past it the caches start over
+_OUT_ORDER = (0, 2, 1, 3)  # (B, H, L, D) tensors stored as (B, L, H, D)
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (after changing :data:`CONFIG_OVERRIDES` or block choices)."""
+    _FWD_PLANS.clear()
+    _BWD_PLANS.clear()
+
+
+def _remember(plans: Dict[tuple, LaunchPlan], key: tuple, plan: LaunchPlan) -> LaunchPlan:
+    if not _INTERPRET:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    return plan
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get true float32 products (no tf32) so that GPU and interpreter agree.
@@ -708,134 +796,251 @@ def _block_d(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
-def _kpm_args(kpm: Optional[Tensor], like: Tensor) -> Tuple[Tensor, int, int]:
-    if kpm is None:
-        return like, 0, 0  # never read: HAS_KPM is False
-    kpm = kpm.view(torch.uint8)
-    return kpm, kpm.stride(0), kpm.stride(1)
-
-
 def _needs_rng64(b: int, h: int, lq: int, lk: int) -> bool:
     return b * h * lq * lk >= 2**31
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], causal: bool,
-             dropout_p: float, scale: float, seed: int) -> Tuple[Tensor, Tensor]:
-    """Output (B, H, Lq, D) in q's dtype and the base-2 log-sum-exp (B, H, Lq) float32."""
+def _mask_key(kpm: Optional[Tensor]):
+    return None if kpm is None else (kpm.stride(), kpm.dtype, align16(kpm))
+
+
+def _fwd_plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], causal: bool,
+              dropout: bool, launch_args) -> LaunchPlan:
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    out = new_output((batch, heads, lq, d), q.dtype, q.device, order=(0, 2, 1, 3))
-    lse = new_output((batch, heads, lq), torch.float32, q.device)
-    kpm_arg, stride_mb, stride_mn = _kpm_args(kpm, q)
+    consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_KPM=kpm is not None, CAUSAL=causal,
+                  DROPOUT=dropout, RNG64=_needs_rng64(batch, heads, lq, lk),
+                  DOT_PRECISION=_dot_precision(q.dtype))
 
-    def launch(cfg: FwdConfig) -> None:
-        grid = (cdiv(lq, cfg.block_m), heads, batch)
-        _attn_fwd_kernel[grid](
-            q, k, v, kpm_arg, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_mb, stride_mn,
-            heads, lq, lk, scale * _LOG2E, seed, dropout_p,
-            HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_KPM=kpm is not None, CAUSAL=causal,
-            DROPOUT=dropout_p > 0.0, RNG64=_needs_rng64(batch, heads, lq, lk),
-            DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    def plan_for(cfg: FwdConfig) -> LaunchPlan:
+        return LaunchPlan((cdiv(lq, cfg.block_m), heads, batch),
+                          dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+                          cfg.num_warps, cfg.num_stages)
 
-    if interpreting():
+    if _INTERPRET:
         cfg = _INTERPRETER_FWD
+    elif "fwd" in CONFIG_OVERRIDES:
+        cfg = CONFIG_OVERRIDES["fwd"]
     elif _autotuning():
-        key = ("attn_fwd", d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout_p > 0)
+        tune_key = ("attn_fwd", d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout)
         cands = [c for c in _FWD_CANDIDATES if _fits(lq, lk, c.block_m, c.block_n)] or [_fwd_config(d, lq, lk, q.dtype)]
-        cfg = tune(key, cands, launch)
+        cfg = tune(tune_key, cands, lambda c: _FWD(plan_for(c), launch_args()))
     else:
         cfg = _fwd_config(d, lq, lk, q.dtype)
-    launch(cfg)
+    return _remember(_FWD_PLANS, key, plan_for(cfg))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], causal: bool,
+             dropout_p: float, scale: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Output (B, H, Lq, D) in q's dtype, stored (B, Lq, H, D), and the base-2 log-sum-exp
+    (B, H, Lq) float32. ``seed`` (one int64 on q's device) is read only when ``dropout_p > 0``."""
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    dropout = dropout_p > 0.0
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    ms = (0, 0) if kpm is None else kpm.stride()
+    key = (q.get_device(), q.dtype, batch, heads, lq, lk, d, qs, ks, vs,
+           align16(q), align16(k), align16(v), _mask_key(kpm), causal, dropout)
+    out = new_output((batch, heads, lq, d), q.dtype, q.device, order=_OUT_ORDER)
+    lse = new_output((batch, heads, lq), torch.float32, q.device)
+
+    def launch_args():
+        return (q, k, v, q if kpm is None else kpm, seed if dropout else q, out, lse,
+                *qs, *ks, *vs, *out.stride(), *ms, heads, lq, lk, scale * _LOG2E, dropout_p)
+
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _fwd_plan(key, q, k, v, kpm, causal, dropout, launch_args)
+    _FWD(plan, launch_args())
     return out, lse
+
+
+def _bwd_plan(key: tuple, q: Tensor, k: Tensor, kpm: Optional[Tensor], causal: bool,
+              dropout: bool, short: bool, inline_delta: bool, launch_args) -> LaunchPlan:
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_KPM=kpm is not None, CAUSAL=causal,
+                  DROPOUT=dropout, RNG64=_needs_rng64(batch, heads, lq, lk))
+    tune_key = (d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout)
+    if short:
+        def plan_for(cfg: ShortBwdConfig) -> LaunchPlan:
+            return LaunchPlan((1, heads, batch),
+                              dict(consts, DOT_PRECISION=_dot_precision(q.dtype),
+                                   BLOCK_M=_bucket(lq), BLOCK_N=cfg.block_n),
+                              cfg.num_warps, cfg.num_stages)
+
+        if _INTERPRET:
+            cfg = _INTERPRETER_SHORT_BWD
+        elif "short" in CONFIG_OVERRIDES:
+            cfg = CONFIG_OVERRIDES["short"]
+        elif _autotuning():
+            cands = [c for c in _SHORT_BWD_CANDIDATES if c.block_n <= _bucket(lk)]
+            cfg = tune(("attn_bwd_short",) + tune_key, cands or [_short_bwd_config(d, lq, lk, q.dtype)],
+                       lambda c: _BWD_SHORT(plan_for(c), launch_args()))
+        else:
+            cfg = _short_bwd_config(d, lq, lk, q.dtype)
+        return _remember(_BWD_PLANS, key, plan_for(cfg))
+
+    def plan_for(cfg: BwdConfig) -> LaunchPlan:
+        delta_block = 32 if _INTERPRET else 64
+        delta_plan = None if inline_delta else LaunchPlan(
+            (cdiv(lq, delta_block), heads, batch),
+            dict(HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=delta_block), 4)
+        return LaunchPlan((cdiv(lk, cfg.block_n1) + cdiv(lq, cfg.block_m2), heads, batch),
+                          dict(consts, INLINE_DELTA=inline_delta, DOT_PRECISION=_dot_precision(q.dtype),
+                               BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1,
+                               BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2),
+                          cfg.num_warps, cfg.num_stages, extra=delta_plan)
+
+    if _INTERPRET:
+        cfg = _INTERPRETER_BWD
+    elif "bwd" in CONFIG_OVERRIDES:
+        cfg = CONFIG_OVERRIDES["bwd"]
+    elif _autotuning():
+        cands = [c for c in _BWD_CANDIDATES
+                 if _fits(lq, lk, c.block_m1, c.block_n1) and _fits(lq, lk, c.block_m2, c.block_n2)]
+
+        def trial(c: BwdConfig) -> None:
+            plan = plan_for(c)
+            args, delta_args = launch_args()
+            if plan.extra is not None:
+                _BWD_DELTA(plan.extra, delta_args)
+            _BWD(plan, args)
+
+        cfg = tune(("attn_bwd", inline_delta) + tune_key, cands or [_bwd_config(d, lq, lk, q.dtype)], trial)
+    else:
+        cfg = _bwd_config(d, lq, lk, q.dtype)
+    return _remember(_BWD_PLANS, key, plan_for(cfg))
+
+
+def _short_backward(q: Tensor) -> bool:
+    # float32 tiles of 64 queries spill registers in the one-program form: those take the other.
+    return q.shape[2] <= (SHORT_Q_MAX if q.dtype != torch.float32 else min(SHORT_Q_MAX, 32))
 
 
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               kpm: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
-              seed: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (shapes and dtype of q, k, v) for the upstream gradient ``grad_out``."""
+              seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (shapes and dtype of q, k, v, stored (B, L, H, D)) for ``grad_out``."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    dq = new_output(q.shape, q.dtype, q.device, order=(0, 2, 1, 3))
-    dk = new_output(k.shape, k.dtype, k.device, order=(0, 2, 1, 3))
-    dv = new_output(v.shape, v.dtype, v.device, order=(0, 2, 1, 3))
-    kpm_arg, stride_mb, stride_mn = _kpm_args(kpm, q)
-    consts = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_KPM=kpm is not None, CAUSAL=causal,
-                  DROPOUT=dropout_p > 0.0, RNG64=_needs_rng64(batch, heads, lq, lk),
-                  DOT_PRECISION=_dot_precision(q.dtype))
-    scalars = (heads, lq, lk, scale, scale * _LOG2E, seed, dropout_p)
-    key = (d, q.dtype, _bucket(lq), _bucket(lk), kpm is not None, causal, dropout_p > 0)
+    dropout = dropout_p > 0.0
+    short = _short_backward(q)
+    inline_delta = INLINE_DELTA and (_INTERPRET or (d <= INLINE_DELTA_MAX_D and q.dtype != torch.float32))
+    qs, ks, vs, os_, gs = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
+    ms = (0, 0) if kpm is None else kpm.stride()
+    key = (q.get_device(), q.dtype, batch, heads, lq, lk, d, qs, ks, vs, os_, gs,
+           align16(q), align16(k), align16(v), align16(out), align16(grad_out), _mask_key(kpm),
+           causal, dropout, short, inline_delta)
+    dq = new_output(q.shape, q.dtype, q.device, order=_OUT_ORDER)
+    dk = new_output(k.shape, k.dtype, k.device, order=_OUT_ORDER)
+    dv = new_output(v.shape, v.dtype, v.device, order=_OUT_ORDER)
+    kpm_arg = q if kpm is None else kpm
+    seed_arg = seed if dropout else q
+    scalars = (heads, lq, lk, scale, scale * _LOG2E, dropout_p)
+    delta = None
 
-    # float32 tiles of 64 queries spill registers in the one-program form: those take the other.
-    if lq <= (SHORT_Q_MAX if q.dtype != torch.float32 else min(SHORT_Q_MAX, 32)):
-        def launch_short(cfg: ShortBwdConfig) -> None:
-            _attn_bwd_short_kernel[(1, heads, batch)](
-                q, k, v, kpm_arg, out, grad_out, lse, dq, dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-                *dq.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn, *scalars,
-                **consts, BLOCK_M=_bucket(lq), BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-
-        if interpreting():
-            short_cfg = _INTERPRETER_SHORT_BWD
-        elif _autotuning():
-            cands = [c for c in _SHORT_BWD_CANDIDATES if c.block_n <= _bucket(lk)]
-            short_cfg = tune(("attn_bwd_short",) + key, cands or [_short_bwd_config(d, lq, lk, q.dtype)],
-                             launch_short)
-        else:
-            short_cfg = _short_bwd_config(d, lq, lk, q.dtype)
-        launch_short(short_cfg)
-        return dq, dk, dv
-
-    delta = new_output((batch, heads, lq), torch.float32, q.device)
-    delta_block = 32 if interpreting() else 64
-    _attn_bwd_delta_kernel[(cdiv(lq, delta_block), heads, batch)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, lq,
-        HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=delta_block,
-    )
-
-    def launch(cfg: BwdConfig) -> None:
-        grid = (cdiv(lk, cfg.block_n1) + cdiv(lq, cfg.block_m2), heads, batch)
-        _attn_bwd_kernel[grid](
-            q, k, v, kpm_arg, grad_out, lse, delta, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(), stride_mb, stride_mn, *scalars, **consts,
-            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
-    if interpreting():
-        cfg = _INTERPRETER_BWD
-    elif _autotuning():
-        cands = [c for c in _BWD_CANDIDATES
-                 if _fits(lq, lk, c.block_m1, c.block_n1) and _fits(lq, lk, c.block_m2, c.block_n2)]
-        cfg = tune(("attn_bwd",) + key, cands or [_bwd_config(d, lq, lk, q.dtype)], launch)
+    if short:
+        def launch_args():
+            return (q, k, v, kpm_arg, seed_arg, out, grad_out, lse, dq, dk, dv,
+                    *qs, *ks, *vs, *os_, *gs, *dq.stride(), *dk.stride(), *dv.stride(), *ms, *scalars)
     else:
-        cfg = _bwd_config(d, lq, lk, q.dtype)
-    launch(cfg)
+        if not inline_delta:
+            delta = new_output((batch, heads, lq), torch.float32, q.device)
+
+        def launch_args():
+            args = (q, k, v, kpm_arg, seed_arg, out, grad_out, lse, q if delta is None else delta,
+                    dq, dk, dv, *qs, *ks, *vs, *os_, *gs, *dq.stride(), *dk.stride(), *dv.stride(),
+                    *ms, *scalars)
+            delta_args = None if delta is None else (out, grad_out, delta, *os_, *gs, heads, lq)
+            return args, delta_args
+
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _bwd_plan(key, q, k, kpm, causal, dropout, short, inline_delta, launch_args)
+    if short:
+        _BWD_SHORT(plan, launch_args())
+    else:
+        args, delta_args = launch_args()
+        if plan.extra is not None:
+            _BWD_DELTA(plan.extra, delta_args)
+        _BWD(plan, args)
     return dq, dk, dv
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], causal: bool,
-                dropout_p: float, scale: float) -> Tensor:
-        seed = draw_seed(q.device) if dropout_p > 0.0 else 0
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], seed: Optional[Tensor],
+                causal: bool, dropout_p: float, scale: float) -> Tensor:
         out, lse = _forward(q, k, v, kpm, causal, dropout_p, scale, seed)
-        ctx.save_for_backward(q, k, v, out, lse, kpm)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        ctx.save_for_backward(q, k, v, out, lse, kpm, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, lse, kpm = ctx.saved_tensors
+        q, k, v, out, lse, kpm, seed = ctx.saved_tensors
         dq, dk, dv = _backward(grad_out, q, k, v, out, lse, kpm, ctx.causal, ctx.dropout_p,
-                               ctx.scale, ctx.seed)
-        return dq, dk, dv, None, None, None, None
+                               ctx.scale, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ============================================================================================
+# Custom ops (torch.compile)
+# ============================================================================================
+#
+# Under torch.compile the wrappers call these instead of the autograd.Function, so that the
+# fused path traces into one graph with no breaks. Eager calls keep the autograd.Function:
+# a custom op costs several times its host time per call. The dropout seed is an input tensor,
+# drawn outside the op by torch's generator, so compiled graphs (and CUDA-graph replays of
+# them) draw fresh masks the way eager does.
+
+@torch.library.custom_op("blip_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], seed: Optional[Tensor],
+                      causal: bool, dropout_p: float, scale: float) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, kpm, causal, dropout_p, scale, seed)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, kpm, seed, causal, dropout_p, scale):
+    batch, heads, lq, d = q.shape
+    return (q.new_empty_strided(q.shape, _out_strides(q.shape)),
+            q.new_empty((batch, heads, lq), dtype=torch.float32))
+
+
+@torch.library.custom_op("blip_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      kpm: Optional[Tensor], seed: Optional[Tensor], causal: bool, dropout_p: float,
+                      scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, kpm, causal, dropout_p, scale, seed)
+
+
+@_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, kpm, seed, causal, dropout_p, scale):
+    return tuple(t.new_empty_strided(t.shape, _out_strides(t.shape)) for t in (q, k, v))
+
+
+def _out_strides(shape) -> Tuple[int, ...]:
+    batch, heads, length, d = shape
+    return (length * heads * d, d, heads * d, 1)
+
+
+def _fwd_op_setup(ctx, inputs, output):
+    q, k, v, kpm, seed, causal, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm, seed)
+    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+
+
+def _fwd_op_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kpm, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, kpm, seed, ctx.causal,
+                                   ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
 
 
 # ============================================================================================
@@ -901,7 +1106,8 @@ def attention(
         q: (B, H, Lq, D); k, v: (B, H, Lk, D); float16, bfloat16 or float32, any strides.
         key_padding_mask: optional (B, Lk), True (non-zero) where the key is kept.
         causal: bottom-right aligned causal mask.
-        dropout_p: dropout on the probabilities (seeded from torch's CPU generator).
+        dropout_p: dropout on the probabilities (seeded from torch's generator of q's device,
+            see :func:`common.draw_seed`).
         scale: score scale, default ``D ** -0.5``.
         need_weights: must be False (see :func:`why_not_attention`).
 
@@ -911,22 +1117,40 @@ def attention(
     reason = why_not_attention(q, k, v, key_padding_mask, causal, dropout_p, scale, need_weights)
     if reason is not None:
         raise ValueError(f"triton attention cannot run this call: {reason}")
+    return attention_impl(q, k, v, key_padding_mask, causal, dropout_p, scale)
+
+
+def attention_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                   causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
+                   need_weights: bool = False) -> Tensor:
+    """:func:`attention` without the argument checks, for callers that ran
+    :func:`why_not_attention` already (the ``blip_fast.ops`` dispatcher)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
-    return _FusedAttention.apply(q, k, v, kpm, bool(causal), float(dropout_p), scale)
+    kpm = key_padding_mask
+    if kpm is not None and kpm.dtype != torch.bool:
+        kpm = kpm != 0
+    dropout_p = float(dropout_p)
+    seed = draw_seed(q.device) if dropout_p > 0.0 else None
+    causal = bool(causal)
+    if compiling():
+        return _attention_fwd_op(q, k, v, kpm, seed, causal, dropout_p, scale)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FusedAttention.apply(q, k, v, kpm, seed, causal, dropout_p, scale)
+    return _forward(q, k, v, kpm, causal, dropout_p, scale, seed)[0]
 
 
-def dropout_keep_mask(seed: int, batch: int, heads: int, lq: int, lk: int, p: float,
+def dropout_keep_mask(seed: "int | Tensor", batch: int, heads: int, lq: int, lk: int, p: float,
                       device: torch.device | str = "cuda") -> Tensor:
     """The (B, H, Lq, Lk) bool keep mask the attention kernels use for dropout with ``seed``.
 
     For tests and debugging: after ``torch.manual_seed(s)``, :func:`common.draw_seed` returns
     the seed the next attention call will use.
     """
+    device = torch.device(device)
     mask = torch.empty((batch, heads, lq, lk), dtype=torch.uint8, device=device)
     block_m, block_n = 32, 32
     _dropout_mask_kernel[(cdiv(lq, block_m), heads, batch)](
-        mask, heads, lq, lk, seed, float(p),
+        mask, seed_tensor(seed, device), heads, lq, lk, float(p),
         RNG64=_needs_rng64(batch, heads, lq, lk), BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return mask.bool()

@@ -7,14 +7,25 @@ per-program partial sums are reduced afterwards in a fixed order (deterministic,
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_power_of_2, sm_count
+from .common import (
+    KernelLauncher,
+    LaunchPlan,
+    align16,
+    cdiv,
+    compiling,
+    interpreting,
+    next_power_of_2,
+    sm_count,
+    sum_partials,
+    sum_partials_plan,
+)
 
 Tensor = torch.Tensor
 
@@ -45,7 +56,7 @@ def _gelu_fwd_kernel(X, BIAS, Y, M, N, stride_x, stride_y,
              y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_program"])
 def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, tiles_per_program,
                      stride_x, stride_dy, stride_dx,
                      HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -80,15 +91,97 @@ def _gelu_bwd_kernel(X, BIAS, DY, DX, DB_PART, M, N, tiles_per_program,
         tl.store(DB_PART + pid_m * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """``(..., N)`` -> ``(M, N)`` with unit stride along N, copying only when it must."""
+# ============================================================================================
+# Host side
+# ============================================================================================
+
+_INTERPRET = interpreting()  # fixed at import, as triton's @jit decided it for the kernels
+_FWD = KernelLauncher(_gelu_fwd_kernel)
+_BWD = KernelLauncher(_gelu_bwd_kernel)
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (after changing the module's launch parameters)."""
+    _PLANS.clear()
+
+
+def _remember(key: tuple, plan: LaunchPlan) -> None:
+    if not _INTERPRET:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+
+def _rows_view(t: Tensor, n: int) -> Tuple[Tensor, int]:
+    """``t`` as rows of ``n`` with unit stride along them, and the row stride (no call at all
+    for a contiguous tensor, a copy only when the last dimension is strided)."""
+    if t.is_contiguous():
+        return t, n
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    t = t.reshape(-1, n)
+    return t, t.stride(0)
 
 
 def _block_n(n: int) -> int:
     return min(next_power_of_2(n), _MAX_BLOCK_N)
+
+
+def _forward(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``gelu(x + bias)``, shape of x, contiguous, in ``result_type(x, bias)``."""
+    n = x.shape[-1]
+    out_dtype = x.dtype if bias is None or bias.dtype == x.dtype else torch.result_type(x, bias)
+    x2, stride_x = _rows_view(x, n)
+    m = x.numel() // n if n else 0
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y
+    key = ("fwd", x.get_device(), x.dtype, out_dtype, m, n, stride_x, align16(x2),
+           None if bias is None else (bias.dtype, align16(bias)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_n = _block_n(n)
+        plan = LaunchPlan((cdiv(m, _BLOCK_M), cdiv(n, block_n)),
+                          dict(HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=block_n), 4)
+        _remember(key, plan)
+    _FWD(plan, (x2, x2 if bias is None else bias, y, m, n, stride_x, n))
+    return y
+
+
+def _backward(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """dx (shape and dtype of x) and, if asked and ``bias`` is given, dbias (bias's dtype)."""
+    n = x.shape[-1]
+    m = x.numel() // n if n else 0
+    x2, stride_x = _rows_view(x, n)
+    dy2, stride_dy = _rows_view(dy, n)
+    need_db = need_db and bias is not None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return dx, (torch.zeros_like(bias) if need_db else None)
+    key = ("bwd", x.get_device(), x.dtype, dy2.dtype, m, n, stride_x, stride_dy, align16(x2),
+           align16(dy2), None if bias is None else (bias.dtype, align16(bias)), need_db,
+           BWD_PROGRAMS_PER_SM)
+    plan = _PLANS.get(key)
+    if plan is None:
+        block_n = _block_n(n)
+        col_blocks = cdiv(n, block_n)
+        row_programs = max(1, min(cdiv(m, _BLOCK_M), BWD_PROGRAMS_PER_SM * sm_count(x.device) // col_blocks))
+        plan = LaunchPlan((col_blocks, row_programs),
+                          dict(HAS_BIAS=bias is not None, COMPUTE_DB=need_db, BLOCK_M=_BLOCK_M, BLOCK_N=block_n),
+                          4, extra=(row_programs, cdiv(cdiv(m, _BLOCK_M), row_programs),
+                                    sum_partials_plan(n, False, True)))
+        _remember(key, plan)
+    row_programs, tiles_per_program, sum_plan = plan.extra
+    db_part = torch.empty((row_programs, n), dtype=torch.float32, device=x.device) if need_db else None
+    _BWD(plan, (x2, x2 if bias is None else bias, dy2, dx, dx if db_part is None else db_part,
+                m, n, tiles_per_program, stride_x, stride_dy, n))
+    db = None
+    if need_db:
+        db = torch.empty(n, dtype=bias.dtype, device=x.device)
+        sum_partials(sum_plan, None, db_part, None, db, row_programs, n)
+    return dx, db
 
 
 class BiasGeluFn(torch.autograd.Function):
@@ -96,62 +189,78 @@ class BiasGeluFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        out_dtype = x.dtype if bias is None else torch.result_type(x, bias)
-        x2 = _as_rows(x)
-        m, n = x2.shape
-        b = bias.contiguous() if bias is not None else None
-        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-        if m > 0 and n > 0:
-            block_n = _block_n(n)
-            grid = (cdiv(m, _BLOCK_M), cdiv(n, block_n))
-            _gelu_fwd_kernel[grid](x2, b if b is not None else x2, y, m, n, x2.stride(0), y.stride(0),
-                                   HAS_BIAS=b is not None, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-                                   num_warps=4)
-        ctx.save_for_backward(x2, b)
-        ctx.meta = (x.shape, x.dtype)
-        return y.view(x.shape)
+        ctx.save_for_backward(x, bias)
+        return _forward(x, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, b = ctx.saved_tensors
-        x_shape, x_dtype = ctx.meta
-        need_db = ctx.needs_input_grad[1] and b is not None
-        dy2 = _as_rows(dy)
-        m, n = x2.shape
-        dx = torch.empty((m, n), dtype=x_dtype, device=x2.device)
-        block_n = _block_n(n)
-        col_blocks = cdiv(n, block_n) if n > 0 else 1
-        row_programs = max(1, min(cdiv(m, _BLOCK_M),
-                                  BWD_PROGRAMS_PER_SM * sm_count(x2.device) // col_blocks))
-        db_part = (torch.empty((row_programs, n), dtype=torch.float32, device=x2.device)
-                   if need_db else None)
-        if m > 0 and n > 0:
-            _gelu_bwd_kernel[(col_blocks, row_programs)](
-                x2, b if b is not None else x2, dy2, dx, db_part if need_db else dx,
-                m, n, cdiv(cdiv(m, _BLOCK_M), row_programs),
-                x2.stride(0), dy2.stride(0), dx.stride(0),
-                HAS_BIAS=b is not None, COMPUTE_DB=need_db, BLOCK_M=_BLOCK_M, BLOCK_N=block_n,
-                num_warps=4,
-            )
-        db = db_part.sum(0).to(b.dtype) if need_db else None
-        return dx.view(x_shape), db
+        x, bias = ctx.saved_tensors
+        return _backward(dy, x, bias, ctx.needs_input_grad[1])
 
 
-def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+# ============================================================================================
+# Custom ops (torch.compile): see attention.py for why eager calls keep the autograd.Function
+# ============================================================================================
+
+@torch.library.custom_op("blip_fast::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _forward(x, bias)
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape, dtype=x.dtype if bias is None else torch.result_type(x, bias))
+
+
+@torch.library.custom_op("blip_fast::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) -> Tuple[Tensor, Tensor]:
+    dx, db = _backward(dy, x, bias, need_db)
+    return dx, (x.new_empty(0) if db is None else db)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias, need_db):
+    return x.new_empty(x.shape), (bias.new_empty(bias.shape) if need_db and bias is not None else x.new_empty(0))
+
+
+def _gelu_setup(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.has_bias = bias is not None
+
+
+def _gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    need_db = ctx.needs_input_grad[1] and ctx.has_bias
+    dx, db = _bias_gelu_bwd_op(dy, x, bias, need_db)
+    return dx, (db if need_db else None)
+
+
+_bias_gelu_fwd_op.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``gelu(x + bias)`` with the exact (erf) GELU.
 
     Args:
         x: ``(..., N)`` float32, bfloat16 or float16; any strides.
-        bias: ``(N,)``.
+        bias: ``(N,)`` or None.
 
     Returns:
-        ``(..., N)`` in ``torch.result_type(x, bias)``, as ``F.gelu(x + bias)`` gives.
+        ``(..., N)`` in ``torch.result_type(x, bias)``, as ``F.gelu(x + bias)`` gives, contiguous.
     """
-    return BiasGeluFn.apply(x, bias)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if compiling():
+        return _bias_gelu_fwd_op(x, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return BiasGeluFn.apply(x, bias)
+    return _forward(x, bias)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``gelu(x @ weight.T + bias)``: cuBLAS matmul, bias add and GELU fused in one kernel.
+    """``gelu(x @ weight.T + bias)``: the matmul by cuBLAS, then bias and GELU in one kernel
+    (forward) and dx with the bias gradient in one kernel (backward).
 
     Args:
         x: ``(..., K)``; weight: ``(N, K)``; bias: ``(N,)`` or None. Same floating dtype.
@@ -159,7 +268,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     Returns:
         ``(..., N)``.
     """
-    return BiasGeluFn.apply(F.linear(x, weight), bias)
+    return bias_gelu(F.linear(x, weight), bias)
 
 
 def why_not_bias_gelu(x: Tensor, bias: Tensor) -> Optional[str]:

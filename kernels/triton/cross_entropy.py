@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, next_power_of_2
+from .common import KernelLauncher, LaunchPlan, align16, cdiv, compiling, interpreting, next_power_of_2
 
 Tensor = torch.Tensor
 
@@ -90,6 +90,17 @@ def _ce_loss_grad_kernel(
             tl.store(ptr + c, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
+_INTERPRET = interpreting()  # fixed at import, as triton's @jit decided it for the kernel
+_LOSS_GRAD = KernelLauncher(_ce_loss_grad_kernel)
+_PLANS: dict = {}
+
+
+def _aligned(n: int, element_size: int, align_bytes: int = 16) -> int:
+    """``n`` rounded up so that ``n * element_size`` is a multiple of ``align_bytes``."""
+    step = max(1, align_bytes // element_size)
+    return -(-n // step) * step
+
+
 def _ce_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
 
@@ -133,11 +144,16 @@ def _fused_pass(
               if compute_grad and grad_b else None)
     if rows == 0:
         return loss, d_hidden, torch.zeros_like(weight) if compute_grad and grad_w else None, d_bias
-    buf = torch.empty((chunk_rows, vocab), dtype=h2.dtype, device=h2.device)
+    # Rows of the logits buffer start on 16-byte boundaries (BLIP's V = 30524 does not): with an
+    # unaligned leading dimension cuBLAS falls back to 2-element-aligned sm80 kernels (seen in the
+    # H100 profile of this op and of F.linear + F.cross_entropy alike).
+    buf = torch.empty((chunk_rows, _aligned(vocab, h2.element_size())), dtype=h2.dtype,
+                      device=h2.device)[:, :vocab]
     if scale is None:
         scale = torch.ones(1, dtype=torch.float32, device=h2.device)  # unused
     per_row = scale.numel() != 1
     block_v = min(next_power_of_2(vocab), _MAX_BLOCK_V)
+    consts = dict(COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v)
     weight_t = weight.t()
     for start in range(0, rows, chunk_rows):
         end = min(rows, start + chunk_rows)
@@ -147,13 +163,19 @@ def _fused_pass(
             torch.addmm(bias, h_c, weight_t, out=logits)
         else:
             torch.mm(h_c, weight_t, out=logits)
-        _ce_loss_grad_kernel[(end - start,)](
-            logits, labels[start:end], loss[start:end], scale[start:end] if per_row else scale,
-            logits.stride(0), 1 if per_row else 0,
-            vocab, ignore_index, 1.0 - label_smoothing, label_smoothing / vocab, label_smoothing,
-            COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block_v,
-            num_warps=_ce_warps(block_v),
-        )
+        args = (logits, labels[start:end], loss[start:end], scale[start:end] if per_row else scale,
+                logits.stride(0), 1 if per_row else 0,
+                vocab, ignore_index, 1.0 - label_smoothing, label_smoothing / vocab, label_smoothing)
+        key = (h2.get_device(), h2.dtype, labels.dtype, end - start, vocab, logits.stride(0), per_row,
+               ignore_index, tuple(align16(a) for a in args[:4]), compute_grad, label_smoothing > 0.0)
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = LaunchPlan((end - start,), consts, _ce_warps(block_v))
+            if not _INTERPRET:
+                if len(_PLANS) >= 1024:
+                    _PLANS.clear()
+                _PLANS[key] = plan
+        _LOSS_GRAD(plan, args)
         if not compute_grad:
             continue
         if d_hidden is not None:
@@ -165,6 +187,43 @@ def _fused_pass(
     return loss, d_hidden, d_weight, d_bias
 
 
+def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                label_smoothing: float, ignore_index: int, reduction: str, chunk_rows: Optional[int],
+                need_h: bool, need_w: bool, need_b: bool):
+    """The loss (scalar, or ``labels``' shape for ``'none'``, in hidden's dtype) and, except for
+    ``'none'``, the gradients of hidden (its shape), weight and bias (float32) for an upstream
+    gradient of 1 (None where not asked)."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1).contiguous()
+    if reduction == "none":
+        loss, _, _, _ = _fused_pass(h2, weight, bias, lab, label_smoothing, ignore_index, None,
+                                    False, False, False, chunk_rows)
+        return loss.view(labels.shape).to(hidden.dtype), None, None, None
+    if reduction == "mean":
+        n_valid = (lab != ignore_index).sum()
+        scale = (1.0 / n_valid.to(torch.float32)).reshape(1)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
+    loss, gh, gw, gb = _fused_pass(h2, weight, bias, lab, label_smoothing, ignore_index, scale,
+                                   need_h, need_w, need_b and bias is not None, chunk_rows)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / n_valid
+    return total.to(hidden.dtype), (None if gh is None else gh.view(hidden.shape)), gw, gb
+
+
+def _ce_backward_none(grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      labels: Tensor, label_smoothing: float, ignore_index: int,
+                      chunk_rows: Optional[int], need_h: bool, need_w: bool, need_b: bool):
+    """Gradients for ``reduction='none'`` (logits recomputed chunk by chunk): hidden's, weight's
+    and bias's (float32), None where not asked."""
+    scale = grad_out.reshape(-1).to(torch.float32).contiguous()
+    _, gh, gw, gb = _fused_pass(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                labels.reshape(-1).contiguous(), label_smoothing, ignore_index, scale,
+                                need_h, need_w, need_b and bias is not None, chunk_rows)
+    return (None if gh is None else gh.view(hidden.shape)), gw, gb
+
+
 class LinearCrossEntropyFn(torch.autograd.Function):
     """Autograd wrapper; see the module docstring for the algorithm and its memory."""
 
@@ -172,42 +231,25 @@ class LinearCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                 label_smoothing: float, ignore_index: int, reduction: str,
                 chunk_rows: Optional[int]) -> Tensor:
-        h2 = hidden.reshape(-1, hidden.shape[-1])
-        lab = labels.reshape(-1).contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
-        ctx.meta = (hidden.shape, bias.dtype if bias is not None else None, reduction,
-                    label_smoothing, ignore_index, chunk_rows)
+        ctx.meta = (bias.dtype if bias is not None else None, reduction, label_smoothing,
+                    ignore_index, chunk_rows)
+        loss, gh, gw, gb = _ce_forward(hidden, weight, bias, labels, label_smoothing, ignore_index,
+                                       reduction, chunk_rows, need_h, need_w, need_b)
         if reduction == "none":
-            loss, _, _, _ = _fused_pass(h2, weight, bias, lab, label_smoothing, ignore_index, None,
-                                        False, False, False, chunk_rows)
             ctx.save_for_backward(hidden, weight, bias, labels)
-            return loss.view(labels.shape).to(hidden.dtype)
-        if reduction == "mean":
-            n_valid = (lab != ignore_index).sum()
-            scale = (1.0 / n_valid.to(torch.float32)).reshape(1)
-        else:
-            scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
-        loss, gh, gw, gb = _fused_pass(h2, weight, bias, lab, label_smoothing, ignore_index, scale,
-                                       need_h, need_w, need_b, chunk_rows)
         ctx.grads = (gh, gw, gb)
-        total = loss.sum()
-        if reduction == "mean":
-            total = total / n_valid
-        return total.to(hidden.dtype)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        hidden_shape, bias_dtype, reduction, label_smoothing, ignore_index, chunk_rows = ctx.meta
+        bias_dtype, reduction, label_smoothing, ignore_index, chunk_rows = ctx.meta
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            need_b = need_b and bias is not None
-            scale = grad_out.reshape(-1).to(torch.float32).contiguous()
-            _, gh, gw, gb = _fused_pass(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                        labels.reshape(-1).contiguous(), label_smoothing,
-                                        ignore_index, scale, need_h, need_w, need_b, chunk_rows)
+            gh, gw, gb = _ce_backward_none(grad_out, hidden, weight, bias, labels, label_smoothing,
+                                           ignore_index, chunk_rows, need_h, need_w, need_b)
         else:
             if ctx.grads is None:
                 raise RuntimeError("linear_cross_entropy: the gradients computed in the forward "
@@ -218,11 +260,83 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             for g in (gh, gw, gb):
                 if g is not None:
                     g.mul_(grad_out)
-        if gh is not None:
-            gh = gh.view(hidden_shape)
         if gb is not None:
             gb = gb.to(bias_dtype)
         return gh, gw, gb, None, None, None, None, None
+
+
+# ============================================================================================
+# Custom ops (torch.compile): see attention.py for why eager calls keep the autograd.Function
+# ============================================================================================
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("blip_fast::linear_cross_entropy_fwd", mutates_args=())
+def _ce_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+               label_smoothing: float, ignore_index: int, reduction: str, chunk_rows: Optional[int],
+               need_h: bool, need_w: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, gh, gw, gb = _ce_forward(hidden, weight, bias, labels, label_smoothing, ignore_index,
+                                   reduction, chunk_rows, need_h, need_w, need_b)
+    return loss, _or_empty(gh, hidden), _or_empty(gw, hidden), _or_empty(gb, hidden)
+
+
+@_ce_fwd_op.register_fake
+def _(hidden, weight, bias, labels, label_smoothing, ignore_index, reduction, chunk_rows,
+      need_h, need_w, need_b):
+    loss = hidden.new_empty(labels.shape if reduction == "none" else ())
+    grads = reduction != "none"
+    return (loss, hidden.new_empty(hidden.shape) if grads and need_h else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if grads and need_w else hidden.new_empty(0),
+            hidden.new_empty(weight.shape[0], dtype=torch.float32)
+            if grads and need_b and bias is not None else hidden.new_empty(0))
+
+
+@torch.library.custom_op("blip_fast::linear_cross_entropy_bwd", mutates_args=())
+def _ce_bwd_op(grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+               label_smoothing: float, ignore_index: int, chunk_rows: Optional[int],
+               need_h: bool, need_w: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    gh, gw, gb = _ce_backward_none(grad_out, hidden, weight, bias, labels, label_smoothing,
+                                   ignore_index, chunk_rows, need_h, need_w, need_b)
+    return _or_empty(gh, hidden), _or_empty(gw, hidden), _or_empty(gb, hidden)
+
+
+@_ce_bwd_op.register_fake
+def _(grad_out, hidden, weight, bias, labels, label_smoothing, ignore_index, chunk_rows,
+      need_h, need_w, need_b):
+    return (hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else hidden.new_empty(0),
+            hidden.new_empty(weight.shape[0], dtype=torch.float32)
+            if need_b and bias is not None else hidden.new_empty(0))
+
+
+def _ce_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, label_smoothing, ignore_index, reduction, chunk_rows, *_ = inputs
+    _, gh, gw, gb = output
+    ctx.meta = (bias.dtype if bias is not None else None, reduction, label_smoothing, ignore_index,
+                chunk_rows)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, labels)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _ce_op_backward(ctx, grad_out, _gh, _gw, _gb):
+    bias_dtype, reduction, label_smoothing, ignore_index, chunk_rows = ctx.meta
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and bias_dtype is not None
+    if reduction == "none":
+        hidden, weight, bias, labels = ctx.saved_tensors
+        gh, gw, gb = _ce_bwd_op(grad_out, hidden, weight, bias, labels, label_smoothing,
+                                ignore_index, chunk_rows, need_h, need_w, need_b)
+    else:
+        gh, gw, gb = (g * grad_out for g in ctx.saved_tensors)
+    return (gh if need_h else None, gw if need_w else None, gb.to(bias_dtype) if need_b else None,
+            None, None, None, None, None, None, None, None)
+
+
+_ce_fwd_op.register_autograd(_ce_op_backward, setup_context=_ce_setup)
 
 
 def _autocast_cast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -246,6 +360,11 @@ def linear_cross_entropy_fn(
     with torch.autocast(hidden.device.type, enabled=False):
         tracked = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias))
+        if compiling():
+            return _ce_fwd_op(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index),
+                              reduction, chunk_rows, tracked and hidden.requires_grad,
+                              tracked and weight.requires_grad,
+                              tracked and bias is not None and bias.requires_grad)[0]
         if tracked:
             return LinearCrossEntropyFn.apply(hidden, weight, bias, labels, float(label_smoothing),
                                               int(ignore_index), reduction, chunk_rows)

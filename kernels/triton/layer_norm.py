@@ -1,12 +1,16 @@
 """Fused ``LayerNorm(dropout(x) + residual)`` over the last dimension, forward and backward.
 
 A program normalises whole rows of ``N`` elements held in registers (``N`` up to
-:data:`MAX_N`; one row per program at BLIP's sizes, a few when rows are short), in float32
-whatever the storage dtype. The forward saves the per-row mean and
-reciprocal standard deviation; the backward recomputes ``dropout(x) + residual`` from the inputs
-(the dropout mask is regenerated from its seed, never stored) and runs a persistent grid whose
-programs each accumulate partial ``dweight``/``dbias`` sums over a strided set of rows; the
-partials are reduced afterwards in a fixed order, so the gradients are deterministic.
+:data:`MAX_N`; a few rows per program at BLIP's sizes), in float32 whatever the storage dtype.
+The forward saves the per-row mean and reciprocal standard deviation; the backward recomputes
+``dropout(x) + residual`` from the inputs (the dropout mask is regenerated from its seed, never
+stored) and runs a persistent grid, sized to the programs the SMs hold at once, whose programs
+each accumulate partial ``dweight``/``dbias`` sums over a strided set of rows; one more small
+kernel reduces the partials in a fixed order (deterministic) and casts them to the parameters'
+dtypes.
+
+The dropout seed is a one-element int64 device tensor (see :func:`common.draw_seed`), so CUDA
+graphs replay with fresh masks and the backward regenerates the forward's.
 """
 from __future__ import annotations
 
@@ -16,7 +20,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, draw_seed, dropout_keep, next_power_of_2, row_warps, sm_count
+from .common import (
+    KernelLauncher,
+    LaunchPlan,
+    align16,
+    cdiv,
+    compiling,
+    draw_seed,
+    dropout_keep,
+    interpreting,
+    next_power_of_2,
+    resident_programs_per_sm,
+    row_warps,
+    seed_tensor,
+    sm_count,
+    sum_partials,
+    sum_partials_plan,
+)
 
 Tensor = torch.Tensor
 
@@ -25,28 +45,29 @@ MAX_N = 8192
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Rows a program (forward) or a loop iteration (backward) handles when rows are short: about
 # this many elements. Measured on an H100 at N = 768 (benchmarks/notes_norm_gelu_ce.md): four
-# rows per forward program beat one by 2-4x; the backward's extra rows cost registers (197
-# instead of 80 at N = 768) for no measured gain.
+# rows per forward program beat one by 2-4x.
 FWD_ROW_ELEMENTS = 4096
 BWD_ROW_ELEMENTS = 1024
-# Backward persistent grid: enough programs per SM to hide latency, few enough that the
-# (programs, N) float32 partial sums stay small next to the activations.
-BWD_PROGRAMS_PER_SM = 8
+#: Programs per SM of the backward's persistent grid; None: as many as the SMs hold at once
+#: (from the compiled kernel's registers), capped at BWD_MAX_PROGRAMS_PER_SM.
+BWD_PROGRAMS_PER_SM: Optional[int] = None
+BWD_MAX_PROGRAMS_PER_SM = 16
+_BWD_FIRST_GUESS_PER_SM = 4  # before the kernel is compiled and its registers known
 
 
 def _rows_per_block(block_n: int, elements: int) -> int:
     return max(1, min(8, elements // block_n))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _ln_fwd_kernel(
-    X, R, W, B, Y, MEAN, RSTD,
+    X, R, W, B, SEED, Y, MEAN, RSTD,
     stride_x, stride_r, stride_y,
-    M, N, eps, p, keep_scale, seed,
+    M, N, eps, p, keep_scale,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Each program normalises ``ROWS`` whole rows."""
+    """Each program normalises ``ROWS`` whole rows. SEED: one int64, read only with dropout."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < M
@@ -54,7 +75,7 @@ def _ln_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     s = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows[:, None] * N + cols[None, :], p)
+        keep = dropout_keep(tl.load(SEED), rows[:, None] * N + cols[None, :], p)
         s = tl.where(keep, s * keep_scale, 0.0)
     if HAS_R:
         s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -71,11 +92,11 @@ def _ln_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["blocks_per_program"])  # the plan resizes the grid after compiling
 def _ln_bwd_kernel(
-    X, R, W, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD,
+    X, R, W, SEED, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD,
     stride_x, stride_r, stride_dy, stride_dx, stride_dr,
-    M, N, blocks_per_program, p, keep_scale, seed,
+    M, N, blocks_per_program, p, keep_scale,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DR: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -87,6 +108,8 @@ def _ln_bwd_kernel(
     col_mask = cols < N
     if HAS_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -127,108 +150,276 @@ def _ln_bwd_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(OUT, N, p, seed, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(OUT, SEED, N, p, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, row * N + cols, p)
+    keep = dropout_keep(tl.load(SEED), row * N + cols, p)
     tl.store(OUT + row * N + cols, keep.to(tl.int8), mask=cols < N)
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """``(..., N)`` -> ``(M, N)`` with unit stride along N, copying only when it must."""
+# ============================================================================================
+# Host side
+# ============================================================================================
+
+_INTERPRET = interpreting()  # fixed at import, as triton's @jit decided it for the kernels
+_FWD = KernelLauncher(_ln_fwd_kernel)
+_BWD = KernelLauncher(_ln_bwd_kernel)
+_PLANS: dict = {}
+_MAX_PLANS = 4096
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (after changing the module's launch parameters)."""
+    _PLANS.clear()
+
+
+def _remember(key: tuple, plan) -> None:
+    if not _INTERPRET:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+
+def _rows_view(t: Tensor, n: int) -> Tuple[Tensor, int]:
+    """``t`` as rows of ``n`` with unit stride along them, and the row stride; copies only when
+    the layout is not already one (a contiguous tensor is used as it is: no view call)."""
+    if t.is_contiguous():
+        return t, n
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    t = t.reshape(-1, n)
+    return t, t.stride(0)
 
 
 def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def _launch_fwd(x2: Tensor, r2: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float, p: float, seed: int, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    m, n = x2.shape
-    y = torch.empty((m, n), dtype=out_dtype, device=x2.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x2.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x2.device)
+def _forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float, p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``y`` (shape of x, contiguous, dtype of ``x`` promoted with ``residual``), mean, rstd (M,)."""
+    n = x.shape[-1]
+    out_dtype = x.dtype if residual is None or residual.dtype == x.dtype else torch.result_type(x, residual)
+    x2, stride_x = _rows_view(x, n)
+    r2, stride_r = (None, 0) if residual is None else _rows_view(residual, n)
+    m = x.numel() // n if n else 0
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
-    block = next_power_of_2(n)
-    rows = _rows_per_block(block, FWD_ROW_ELEMENTS)
-    _ln_fwd_kernel[(cdiv(m, rows),)](
-        x2, r2 if r2 is not None else x2, weight if weight is not None else x2,
-        bias if bias is not None else x2, y, mean, rstd,
-        x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-        m, n, eps, p, _keep_scale(p), seed,
-        HAS_R=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_DROPOUT=p > 0.0, ROWS=rows, BLOCK_N=block, num_warps=row_warps(block * rows),
-    )
+    dropout = p > 0.0
+    key = ("fwd", x.get_device(), x.dtype, out_dtype, m, n, stride_x, stride_r, align16(x2),
+           None if r2 is None else (r2.dtype, align16(r2)),
+           None if weight is None else (weight.dtype, align16(weight)),
+           None if bias is None else (bias.dtype, align16(bias)), dropout, FWD_ROW_ELEMENTS)
+    plan = _PLANS.get(key)
+    if plan is None:
+        block = next_power_of_2(n)
+        rows = _rows_per_block(block, FWD_ROW_ELEMENTS)
+        plan = LaunchPlan((cdiv(m, rows),),
+                          dict(HAS_R=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                               HAS_DROPOUT=dropout, ROWS=rows, BLOCK_N=block),
+                          row_warps(block * rows))
+        _remember(key, plan)
+    _FWD(plan, (x2, x2 if r2 is None else r2, x2 if weight is None else weight,
+                x2 if bias is None else bias, seed if dropout else x2, y, mean, rstd,
+                stride_x, stride_r, n, m, n, eps, p, _keep_scale(p)))
     return y, mean, rstd
 
 
+def _bwd_programs(m: int, rows_per_iter: int, per_sm: int, device: torch.device) -> int:
+    return max(1, min(cdiv(m, rows_per_iter), per_sm * sm_count(device)))
+
+
+def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+              mean: Tensor, rstd: Tensor, p: float, seed: Optional[Tensor], need_dx: bool,
+              need_dr: bool, need_dw: bool, bias_dtype: Optional[torch.dtype]
+              ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """dx, dresidual, dweight, dbias (None where not asked; ``bias_dtype`` None: no dbias)."""
+    n = x.shape[-1]
+    m = mean.shape[0]
+    x2, stride_x = _rows_view(x, n)
+    r2, stride_r = (None, 0) if residual is None else _rows_view(residual, n)
+    dy2, stride_dy = _rows_view(dy, n)
+    dropout = p > 0.0
+    res_dtype = None if residual is None else residual.dtype
+    # Without dropout and with equal dtypes dx == dresidual: one buffer serves both.
+    store_dr = need_dr and (dropout or res_dtype != x.dtype)
+    compute_dw = need_dw and weight is not None
+    compute_db = bias_dtype is not None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dr = torch.empty(x.shape, dtype=res_dtype, device=x.device) if store_dr else None
+    key = ("bwd", x.get_device(), x.dtype, m, n, stride_x, stride_r, stride_dy, align16(x2),
+           align16(dy2), dy2.dtype, None if r2 is None else (r2.dtype, align16(r2)),
+           None if weight is None else (weight.dtype, align16(weight)), dropout, store_dr,
+           compute_dw, compute_db, bias_dtype, BWD_PROGRAMS_PER_SM, BWD_ROW_ELEMENTS)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _bwd_plan(key, x, m, n, residual is not None, weight is not None, dropout, store_dr,
+                         compute_dw, compute_db, bias_dtype)
+    programs, blocks_per_program, sum_plan = plan.extra
+    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if compute_dw else None
+    db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if compute_db else None
+    if m > 0:
+        _BWD(plan, (x2, x2 if r2 is None else r2, x2 if weight is None else weight,
+                    seed if dropout else x2, dy2, dx, dx if dr is None else dr,
+                    dx if dw_part is None else dw_part, dx if db_part is None else db_part, mean, rstd,
+                    stride_x, stride_r, stride_dy, n, n, m, n, blocks_per_program, p, _keep_scale(p)))
+    dw = db = None
+    if compute_dw or compute_db:
+        dw = torch.empty(n, dtype=weight.dtype, device=x.device) if compute_dw else None
+        db = torch.empty(n, dtype=bias_dtype, device=x.device) if compute_db else None
+        if m == 0:
+            for t in (dw, db):
+                if t is not None:
+                    t.zero_()
+        else:
+            sum_partials(sum_plan, dw_part, db_part, dw, db, programs, n)
+    d_res = (dr if store_dr else dx) if need_dr else None
+    return (dx if need_dx else None), d_res, dw, db
+
+
+def _bwd_plan(key, x, m, n, has_r, has_w, dropout, store_dr, compute_dw, compute_db, bias_dtype):
+    block = next_power_of_2(n)
+    rows_per_iter = _rows_per_block(block, BWD_ROW_ELEMENTS)
+    num_warps = row_warps(block * rows_per_iter)
+    per_sm = BWD_PROGRAMS_PER_SM or _BWD_FIRST_GUESS_PER_SM
+    programs = _bwd_programs(m, rows_per_iter, per_sm, x.device)
+    sum_plan = sum_partials_plan(n, compute_dw, compute_db)
+
+    def size_grid(plan: LaunchPlan, compiled) -> None:
+        """Once compiled: as many programs as the SMs hold at once (a partial second wave of a
+        persistent grid costs a whole program's time)."""
+        if BWD_PROGRAMS_PER_SM is not None:
+            return
+        resident = resident_programs_per_sm(compiled, num_warps, x.device)
+        if resident is None:
+            return
+        programs = _bwd_programs(m, rows_per_iter, min(resident, BWD_MAX_PROGRAMS_PER_SM), x.device)
+        plan.set_grid((programs,))
+        plan.extra = (programs, cdiv(cdiv(m, rows_per_iter), programs), sum_plan)
+
+    plan = LaunchPlan((programs,),
+                      dict(HAS_R=has_r, HAS_W=has_w, HAS_DROPOUT=dropout, STORE_DR=store_dr,
+                           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS=rows_per_iter,
+                           BLOCK_N=block),
+                      num_warps, extra=(programs, cdiv(cdiv(m, rows_per_iter), programs), sum_plan),
+                      on_compiled=size_grid)
+    _remember(key, plan)
+    return plan
+
+
 class LayerNormFn(torch.autograd.Function):
-    """Autograd wrapper; ``seed`` is only read when ``dropout_p > 0``."""
+    """Autograd wrapper; ``seed`` (one int64 device tensor) is only read when ``dropout_p > 0``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                residual: Optional[Tensor], dropout_p: float, seed: int) -> Tensor:
-        n = x.shape[-1]
-        out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
-        x2 = _as_rows(x)
-        r2 = _as_rows(residual) if residual is not None else None
-        w = weight.contiguous() if weight is not None else None
-        b = bias.contiguous() if bias is not None else None
-        y, mean, rstd = _launch_fwd(x2, r2, w, b, eps, dropout_p, seed, out_dtype)
-        ctx.save_for_backward(x2, r2, w, mean, rstd)
-        ctx.meta = (x.shape, x.dtype, None if residual is None else residual.dtype,
-                    None if bias is None else bias.dtype, dropout_p, seed, n)
-        return y.view(x.shape)
+                residual: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+        y, mean, rstd = _forward(x, residual, weight, bias, eps, dropout_p, seed)
+        ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+        ctx.meta = (None if bias is None else bias.dtype, dropout_p)
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, r2, w, mean, rstd = ctx.saved_tensors
-        x_shape, x_dtype, res_dtype, b_dtype, p, seed, n = ctx.meta
+        x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        bias_dtype, p = ctx.meta
         need_dx, need_dw, need_db, _, need_dr = ctx.needs_input_grad[:5]
-        dy2 = _as_rows(dy)
-        m = x2.shape[0]
-        # Without dropout and with equal dtypes dx == dresidual: one buffer serves both.
-        store_dr = need_dr and (p > 0.0 or res_dtype != x_dtype)
-        dx = torch.empty((m, n), dtype=x_dtype, device=x2.device)
-        dr = torch.empty((m, n), dtype=res_dtype, device=x2.device) if store_dr else None
-        compute_dw = need_dw and w is not None
-        compute_db = need_db and b_dtype is not None
-        block = next_power_of_2(n)
-        rows_per_iter = _rows_per_block(block, BWD_ROW_ELEMENTS)
-        programs = max(1, min(cdiv(m, rows_per_iter), BWD_PROGRAMS_PER_SM * sm_count(x2.device)))
-        dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_dw else None
-        db_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device) if compute_db else None
-        if m > 0:
-            _ln_bwd_kernel[(programs,)](
-                x2, r2 if r2 is not None else x2, w if w is not None else x2, dy2, dx,
-                dr if dr is not None else dx, dw_part if dw_part is not None else dx,
-                db_part if db_part is not None else dx, mean, rstd,
-                x2.stride(0), r2.stride(0) if r2 is not None else 0, dy2.stride(0), dx.stride(0),
-                dr.stride(0) if dr is not None else 0,
-                m, n, cdiv(cdiv(m, rows_per_iter), programs), p, _keep_scale(p), seed,
-                HAS_R=r2 is not None, HAS_W=w is not None, HAS_DROPOUT=p > 0.0,
-                STORE_DR=store_dr, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                ROWS=rows_per_iter, BLOCK_N=block, num_warps=row_warps(block * rows_per_iter),
-            )
-        dw = dw_part.sum(0).to(w.dtype) if compute_dw else None
-        db = db_part.sum(0).to(b_dtype) if compute_db else None
-        d_res = (dr if store_dr else dx).view(x_shape) if need_dr else None
-        return (dx.view(x_shape) if need_dx else None), dw, db, None, d_res, None, None
+        dx, dr, dw, db = _backward(dy, x, residual, weight, mean, rstd, p, seed, need_dx, need_dr,
+                                   need_dw, bias_dtype if need_db else None)
+        return dx, dw, db, None, dr, None, None
 
+
+# ============================================================================================
+# Custom ops (torch.compile): see attention.py for why eager calls keep the autograd.Function
+# ============================================================================================
+
+@torch.library.custom_op("blip_fast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       residual: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    return _forward(x, residual, weight, bias, eps, dropout_p, seed)
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, residual, dropout_p, seed):
+    out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(m, dtype=torch.float32),
+            x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("blip_fast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float,
+                       seed: Optional[Tensor], need_dx: bool, need_dr: bool, need_dw: bool,
+                       need_db: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, need_dx, need_dr,
+                      need_dw, bias.dtype if need_db and bias is not None else None)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed, need_dx, need_dr, need_dw, need_db):
+    n = x.shape[-1]
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            x.new_empty(x.shape, dtype=residual.dtype) if need_dr and residual is not None else x.new_empty(0),
+            weight.new_empty(n) if need_dw and weight is not None else x.new_empty(0),
+            bias.new_empty(n) if need_db and bias is not None else x.new_empty(0))
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps, residual, dropout_p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.present = (weight is not None, bias is not None, residual is not None)
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    has_w, has_b, has_r = ctx.present
+    need_dx, need_dw, need_db, _, need_dr = ctx.needs_input_grad[:5]
+    need_dr = need_dr and has_r
+    # Without dropout and with equal dtypes d(residual) is dx itself; an op's outputs may not
+    # alias each other, so that case asks for dx only.
+    shared = need_dr and ctx.dropout_p == 0.0 and residual.dtype == x.dtype
+    dx, dr, dw, db = _layer_norm_bwd_op(dy, x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed,
+                                        need_dx or shared, need_dr and not shared, need_dw and has_w,
+                                        need_db and has_b)
+    return (dx if need_dx else None, dw if need_dw and has_w else None, db if need_db and has_b else None,
+            None, (dx if shared else dr) if need_dr else None, None, None)
+
+
+_layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# ============================================================================================
+# Public API
+# ============================================================================================
 
 def layer_norm_fn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                   residual: Optional[Tensor] = None, dropout_p: float = 0.0,
-                  seed: Optional[int] = None) -> Tensor:
-    """:func:`layer_norm` with an explicit dropout ``seed`` (drawn from torch's RNG if None)."""
+                  seed: "int | Tensor | None" = None) -> Tensor:
+    """:func:`layer_norm` with an explicit dropout ``seed`` (an int or a one-element integer
+    tensor; drawn from torch's generator of x's device if None)."""
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
-    return LayerNormFn.apply(x, weight, bias, eps, residual, float(dropout_p), int(seed or 0))
+    dropout_p = float(dropout_p)
+    seed_t = None
+    if dropout_p > 0.0:
+        seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
+    eps = float(eps)
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if compiling():
+        return _layer_norm_fwd_op(x, weight, bias, eps, residual, dropout_p, seed_t)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+        return LayerNormFn.apply(x, weight, bias, eps, residual, dropout_p, seed_t)
+    return _forward(x, residual, weight, bias, eps, dropout_p, seed_t)[0]
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -243,7 +434,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         dropout_p: dropout probability on ``x`` (before the residual add).
 
     Returns:
-        ``(..., N)`` in the dtype of ``x`` (promoted with ``residual``'s).
+        ``(..., N)`` in the dtype of ``x`` (promoted with ``residual``'s), contiguous.
     """
     return layer_norm_fn(x, weight, bias, eps, residual, dropout_p)
 
@@ -266,7 +457,7 @@ def why_not_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return None
 
 
-def dropout_mask(seed: int, shape: Tuple[int, ...], p: float, device: torch.device) -> Tensor:
+def dropout_mask(seed: "int | Tensor", shape: Tuple[int, ...], p: float, device: torch.device) -> Tensor:
     """The keep mask (bool, ``shape``) that :func:`layer_norm_fn` applies with ``seed`` and ``p``.
 
     A debugging / testing aid: the kernels regenerate the same mask from ``(seed, row * N + col)``.
@@ -277,5 +468,6 @@ def dropout_mask(seed: int, shape: Tuple[int, ...], p: float, device: torch.devi
         m *= d
     out = torch.empty((m, n), dtype=torch.int8, device=device)
     if m > 0:
-        _dropout_mask_kernel[(m,)](out, n, p, seed, BLOCK_N=next_power_of_2(n))
+        _dropout_mask_kernel[(m,)](out, seed_tensor(seed, torch.device(device)), n, p,
+                                   BLOCK_N=next_power_of_2(n))
     return out.view(shape).bool()
