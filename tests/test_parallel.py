@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import blip_fast
 from blip_fast import distributed as bdist
 from blip_fast import parallel
 from blip_fast.checkpoint import CheckpointError
