@@ -16,12 +16,10 @@ Exact comparisons need the two runs to compute the same function:
   round-off of gradients that are zero in exact arithmetic (attention key biases: softmax is
   shift-invariant) into full-size updates.
 """
-import math
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import blip_fast
 from blip_fast import distributed as bdist

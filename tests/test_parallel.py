@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 
-import blip_fast
 from blip_fast import distributed as bdist
 from blip_fast import parallel
 from blip_fast.checkpoint import CheckpointError
@@ -128,7 +127,6 @@ def test_training_state_round_trip_on_one_process(tmp_path, sharded):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     _train_step(model, opt, 0)
     parallel.save_training_state(path, model, opt, {"step": 1, "note": "x"}, sharded=sharded)
-    _train_step(model, opt, 1)
     assert os.path.isdir(path) == sharded
     parallel.save_training_state(path, model, opt, {"step": 2}, sharded=sharded)  # overwrite in place
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no temporary left
