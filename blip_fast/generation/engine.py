@@ -34,7 +34,7 @@ import torch.nn as nn
 from .. import ops
 from ..cuda_graph import CUDAGraphStep
 from ..models.kv_cache import DecoderKVCache
-from . import weights as lowp
+from . import weights as decoding_weights
 from .config import GenerationConfig
 from .reference import reference_search
 from .search import make_search
@@ -67,7 +67,7 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def _compute_decoder(decoder: nn.Module, device: torch.device) -> nn.Module:
     """The decoding copy to run: linear weights in the autocast dtype (cast once), stacked QKV."""
     dtype = _autocast_dtype(device) or decoder.cls.predictions.decoder.weight.dtype
-    return lowp.decoding_copy(decoder, dtype)
+    return decoding_weights.decoding_copy(decoder, dtype)
 
 
 def _last_logits(decoder: nn.Module, input_ids: Tensor, **kwargs: Any) -> Tensor:
@@ -208,12 +208,12 @@ _STATES: "weakref.WeakKeyDictionary[nn.Module, _DecoderState]" = weakref.WeakKey
 def release_generation_state(decoder: nn.Module) -> None:
     """Free the cached CUDA graphs, buffers and decoding copies of ``decoder``."""
     _STATES.pop(decoder, None)
-    lowp.release(decoder)
+    decoding_weights.release(decoder)
 
 
 def _session(decoder: nn.Module, compute: nn.Module, key: Tuple, build) -> _FastDecoding:
     state = _STATES.setdefault(decoder, _DecoderState())
-    signature = lowp.tensor_signature(compute)
+    signature = decoding_weights.tensor_signature(compute)
     if state.signature != signature:
         state.sessions.clear()
         state.signature = signature
