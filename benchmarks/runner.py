@@ -363,7 +363,7 @@ class Runner:
         if backend == "reference":
             return ["eager"]
         out = ["eager"] if self.args.compile != "only" and self.args.cuda_graph != "only" else []
-        if self.args.compile != "off":
+        if self.args.compile != "off" and w.supports_compile:
             out.append("compile")
         if self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda":
             out.append("graph")

@@ -63,6 +63,8 @@ class Workload:
     compile_mode: Optional[str] = None
     #: Whether :meth:`step` can run as one captured CUDA graph (``--cuda-graph``).
     supports_graph = False
+    #: Whether a ``torch.compile`` variant of :meth:`step` means anything (``--compile``).
+    supports_compile = True
 
     @property
     def compiled(self) -> bool:
@@ -550,6 +552,7 @@ class CaptionGenerate(Workload):
     variant = "beam3"
     unit = "captions/s"
     model_key = "blip_decoder"
+    supports_compile = False  # the fast path replays its own CUDA graphs; there is no step to compile
 
     def setup(self) -> None:
         s = self.ctx.sizes

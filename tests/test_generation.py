@@ -294,7 +294,7 @@ class _EmulatedGraph:
         self.fn, self.replays = None, 0
         _EmulatedGraph.instances.append(self)
 
-    def replay(self):
+    def __call__(self):  # CUDAGraphStep's replay
         self.replays += 1
         self.fn()
 

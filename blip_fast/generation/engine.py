@@ -26,14 +26,15 @@ from __future__ import annotations
 import collections
 import logging
 import weakref
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .. import ops
+from ..cuda_graph import CUDAGraphStep
 from ..models.kv_cache import DecoderKVCache
-from . import weights as lowp
+from . import weights as decoding_weights
 from .config import GenerationConfig
 from .reference import reference_search
 from .search import make_search
@@ -66,7 +67,7 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def _compute_decoder(decoder: nn.Module, device: torch.device) -> nn.Module:
     """The decoding copy to run: linear weights in the autocast dtype (cast once), stacked QKV."""
     dtype = _autocast_dtype(device) or decoder.cls.predictions.decoder.weight.dtype
-    return lowp.decoding_copy(decoder, dtype)
+    return decoding_weights.decoding_copy(decoder, dtype)
 
 
 def _last_logits(decoder: nn.Module, input_ids: Tensor, **kwargs: Any) -> Tensor:
@@ -112,7 +113,7 @@ class _FastDecoding:
                 self.prompt = torch.empty(prompt_shape, dtype=torch.long, device=device)
                 if has_mask:
                     self.mask = torch.ones(num_images, image_tokens, dtype=torch.bool, device=device)
-        self.graphs: dict = {}
+        self.graphs: Dict[str, CUDAGraphStep] = {}
         self.graph_error: Optional[str] = None
 
     @staticmethod
@@ -174,32 +175,23 @@ class _FastDecoding:
     def _run(self, name: str, fn, use_graph: bool) -> None:
         graph = self.graphs.get(name)
         if graph is not None:
-            graph.replay()
+            graph()  # replay
         elif not use_graph or self.graph_error is not None:
             fn()
         else:
             self._capture(name, fn)
 
     def _capture(self, name: str, fn) -> None:
-        """Run ``fn`` for real on a side stream (the warm-up capture needs), then record it."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        """One real run of ``fn`` (the warm-up, on a side stream), then its capture."""
         dtype = _autocast_dtype(torch.device("cuda"))
-        graph = torch.cuda.CUDAGraph()
         try:
             with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None,
                                 cache_enabled=False):
-                with torch.cuda.graph(graph):
-                    fn()
+                self.graphs[name] = CUDAGraphStep(fn, warmup=1)
         except Exception as exc:  # not capturable here (an op that synchronises): decode eagerly
             self.graph_error = f"{type(exc).__name__}: {exc}"
             logger.warning("blip_fast generation: CUDA graph capture failed, decoding without graphs (%s)",
                            self.graph_error)
-            return
-        self.graphs[name] = graph
 
 
 class _DecoderState:
@@ -216,12 +208,12 @@ _STATES: "weakref.WeakKeyDictionary[nn.Module, _DecoderState]" = weakref.WeakKey
 def release_generation_state(decoder: nn.Module) -> None:
     """Free the cached CUDA graphs, buffers and decoding copies of ``decoder``."""
     _STATES.pop(decoder, None)
-    lowp.release(decoder)
+    decoding_weights.release(decoder)
 
 
 def _session(decoder: nn.Module, compute: nn.Module, key: Tuple, build) -> _FastDecoding:
     state = _STATES.setdefault(decoder, _DecoderState())
-    signature = lowp.tensor_signature(compute)
+    signature = decoding_weights.tensor_signature(compute)
     if state.signature != signature:
         state.sessions.clear()
         state.signature = signature
