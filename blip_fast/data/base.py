@@ -137,18 +137,21 @@ class TransformedDataset(Dataset):
         return image, caption
 
     def __getitem__(self, index: int) -> Sample:
-        skipped: List[Tuple[int, str, str]] = []
+        """The sample at ``index``, or at the next usable index. Only ``index``'s own failure is
+        reported in ``skipped`` (the others are reported when their own index comes up), so every
+        unusable sample counts once per epoch."""
+        failures: List[Tuple[int, str, str]] = []
         n = len(self.source)
         for attempt in range(self.max_consecutive_skips + 1):
             i = (index + attempt) % n
             try:
                 image, caption = self._load(i)
-                return Sample(image, caption, i, skipped)
+                return Sample(image, caption, i, failures[:1])
             except SampleError as exc:
-                skipped.append((i, exc.reason, exc.detail))
+                failures.append((i, exc.reason, exc.detail))
         reasons: Dict[str, int] = {}
-        for _, reason, _ in skipped:
+        for _, reason, _ in failures:
             reasons[reason] = reasons.get(reason, 0) + 1
         raise RuntimeError(
-            f"{len(skipped)} consecutive unusable samples from index {index} of {self.source.describe()} "
-            f"({reasons}; first: {skipped[0][2]}). Check image_root / the annotation paths and the files.")
+            f"{len(failures)} consecutive unusable samples from index {index} of {self.source.describe()} "
+            f"({reasons}; first: {failures[0][2]}). Check image_root / the annotation paths and the files.")

@@ -201,7 +201,8 @@ def retrieval_scores(model: Any, rset: RetrievalSet, device: torch.device, k_tes
     try:
         with ctx, _autocast(device, amp):
             # images
-            loader = DataLoader(_Images(rset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+            loader = DataLoader(_Images(rset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                generator=torch.Generator().manual_seed(0))  # leaves the global generator alone
             image_embeds, image_feats, kept, skipped = [], [], [], []
             for items in loader:
                 good = [(i, img) for i, img, _ in items if img is not None]

@@ -171,6 +171,8 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
             merged.update(value)
             return merged
         if isinstance(default, str):
+            if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+                return "on" if value else "off"
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         pass

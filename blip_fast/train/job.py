@@ -95,6 +95,20 @@ class _QueueGuard:
         self.model.queue_ptr.copy_(ptr)
 
 
+def _sample_negatives_from_finite_similarities(model: BLIP_Pretrain) -> None:
+    """Make a step with non-finite activations reach the loss check instead of raising inside
+    ``torch.multinomial`` ("probability tensor contains either inf, nan or element < 0") while
+    drawing hard negatives: the similarities are passed through ``nan_to_num`` (the identity on
+    finite values, so every normal step is unchanged); the step's losses stay non-finite and it is
+    skipped on every rank."""
+    sample = model.sample_hard_negatives
+
+    def sample_finite(sim_i2t: Tensor, sim_t2i: Tensor, *args: Any, **kwargs: Any):
+        return sample(torch.nan_to_num(sim_i2t), torch.nan_to_num(sim_t2i), *args, **kwargs)
+
+    model.sample_hard_negatives = sample_finite
+
+
 def _grad_norm(params: List[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -122,6 +136,7 @@ class PretrainJob:
         self.tokenizer = init_tokenizer()
         self.model = build_model(cfg, self.tokenizer, load_pretrained=state is None).to(self.device)
         self.model.train()
+        _sample_negatives_from_finite_similarities(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg, self.device)
         self.data = TrainData(cfg, self.tokenizer, rt)
@@ -216,7 +231,7 @@ class PretrainJob:
     def train_step(self, batch: Any, alpha: float) -> Dict[str, float]:
         images = normalize_images(batch.images.to(self.device, non_blocking=True))
         text = batch.text.to(self.device, non_blocking=True)
-        if self.global_step in self._fault_nan:
+        if self.global_step + 1 in self._fault_nan:  # numbered as logged (1-based)
             images = images * float("nan")
         self.queue_guard.save()
         with self._autocast():
@@ -302,7 +317,8 @@ class PretrainJob:
         result = JobResult(self.output_dir, self.global_step, self.epoch, self.last_checkpoint)
         stopped = False
         nonfinite_streak = 0
-        window_start, window_steps = time.perf_counter(), 0
+        run_start = window_start = time.perf_counter()
+        window_steps = 0
         samples_per_s = 0.0
         try:
             if cfg.eval_at_start and self.global_step == 0 and self.eval_set is not None:
@@ -325,8 +341,6 @@ class PretrainJob:
                     self.global_step += 1
                     self.batch_in_epoch += 1
                     window_steps += 1
-                    if self._fault_sleep:
-                        time.sleep(self._fault_sleep)
                     if out["nonfinite"]:
                         nonfinite_streak += 1
                         self.nonfinite_total += 1
@@ -348,6 +362,7 @@ class PretrainJob:
                                        "lr": lr, "alpha": alpha, **{k: out[k] for k in (
                                            "loss_ita", "loss_itm", "loss_lm", "loss", "grad_norm")},
                                        "skipped": out["nonfinite"], "samples_per_s": samples_per_s,
+                                       "time": round(now - run_start, 4),
                                        "skipped_samples": dict(self.skip_counts)})
                     elif samples_per_s == 0.0 and window_steps >= 2:
                         samples_per_s = window_steps * self.global_batch / max(now - window_start, 1e-9)
@@ -371,6 +386,8 @@ class PretrainJob:
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and nonfinite_streak == 0:
                         self.save_checkpoint()
                     result.last_losses = {k: out[k] for k in ("loss_ita", "loss_itm", "loss_lm", "loss")}
+                    if self._fault_sleep:
+                        time.sleep(self._fault_sleep)
                 if stopped:
                     break
                 reached_max = bool(cfg.max_steps and self.global_step >= cfg.max_steps)
