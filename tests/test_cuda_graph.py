@@ -45,16 +45,17 @@ def test_graphed_pretraining_steps_equal_eager_steps(order, monkeypatch):
     graph = CUDAGraphStep(make_step(graphed, opt_g), *batches[0], alpha, warmup=2, optimizer=opt_g)
     # the warm-up steps are real training steps: start the eager twin from where they left off
     eager.load_state_dict(graphed.state_dict())
-    opt_e.load_state_dict(opt_g.state_dict())
+    opt_e.load_state_dict(copy.deepcopy(opt_g.state_dict()))  # (a plain load would share the moments)
     for i, (image, tokens) in enumerate(batches[2:]):
         alpha.fill_(0.3)
         opt_e.zero_grad(set_to_none=True)
         want = step_e(image, tokens, alpha).float()
         got = graph(image, tokens, alpha).float().clone()
-        # The first replay starts from the eager step's state: the same kernels give the same
-        # losses. Later steps may differ by kernel non-determinism (atomics in an attention
-        # backward) carried through the updates.
-        rtol = 1e-5 if i == 0 else 1e-3
+        # The first replay starts from the eager step's state: with one backend order the same
+        # kernels give the same losses. Under full auto, eager and captured calls may take
+        # different (measured-faster) kernels for LayerNorm / linear+GELU: bf16-level agreement.
+        # Later steps may differ by kernel non-determinism carried through the updates.
+        rtol = (1e-5 if order is not None else 2e-3) if i == 0 else 1e-3
         assert torch.allclose(got, want, rtol=rtol, atol=1e-6), (i, got, want)
     assert torch.equal(graphed.queue_ptr, eager.queue_ptr)
     with pytest.raises(ValueError, match="captured as"):

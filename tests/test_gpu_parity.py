@@ -3,7 +3,7 @@
 Run on a CUDA machine: ``python -m pytest -q -m gpu tests/test_gpu_parity.py``. The fast path is
 ``auto`` on the GPU (Triton / flash / SDPA kernels, multi-tensor momentum update); the reference
 is the pure-PyTorch ``reference`` backend on the CPU in float32. Dropout is off (probabilities 0)
-so both sides compute the same function; hard negatives are fixed.
+so both sides compute the same function (NLVR's stochastic depth too); hard negatives are fixed.
 
 Tolerances (relative error ||gpu - cpu|| / ||cpu||, float64), or 1.25x the distance of the reference
 path run on the GPU in the same precision where that is larger (see _compare):
@@ -128,7 +128,14 @@ def test_nlvr(dtype):
         targets = torch.tensor([0, 1], device=device)
         return [model(images, tokens, targets, train=True), model(images, tokens, targets, train=False)]
 
-    _compare(lambda: BLIP_NLVR(med_config=med, image_size=IMG, vit=VIT), fwd, dtype)
+    def build():
+        model = BLIP_NLVR(med_config=med, image_size=IMG, vit=VIT)
+        for m in model.modules():  # the original's drop_path_rate=0.1: CPU and GPU draw differently
+            if hasattr(m, "drop_prob"):
+                m.drop_prob = 0.0
+        return model
+
+    _compare(build, fwd, dtype)
 
 
 def test_pretrain_step_has_no_host_sync():
