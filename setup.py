@@ -35,6 +35,9 @@ setup(
         "blip_fast.ops",
         "blip_fast.models",
         "blip_fast.configs",
+        "blip_fast.parallel",
+        "blip_fast.generation",
+        "blip_fast.interop",
         "blip_fast._kernels",
         "blip_fast._kernels.triton",
         "blip_fast._benchmarks",
@@ -46,6 +49,7 @@ setup(
         "transformers>=4.40",
         "numpy",
         "pyyaml",
+        "safetensors",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
@@ -53,6 +57,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "timm"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
+        "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["blip-fast=blip_fast.cli:main"]},
 )

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 from .flops import BERT_BASE, VIT_B, VIT_L, TextDims, VitDims
 
 #: Every workload group, in the order they run.
-GROUPS = ["pretrain", "pretrain_large", "itm", "itc", "nlvr", "vit", "text", "attention"]
+GROUPS = ["pretrain", "pretrain_large", "itm", "itc", "nlvr", "vit", "text", "attention", "caption"]
 
 GROUP_TITLES = {
     "pretrain": "BLIP_Pretrain training step (forward with momentum update and queues, backward, AdamW)",
@@ -18,6 +18,7 @@ GROUP_TITLES = {
     "vit": "Image encoder (ViT) alone",
     "text": "Text encoder (MED BERT, mode='text') alone",
     "attention": "Attention op micro-benchmarks",
+    "caption": "BLIP_Decoder captioning: beam search (3 beams, 30 tokens max, 10 min), images to token ids",
 }
 
 ALL_PEERS = ["timm", "transformers", "torch-sdpa"]
@@ -47,6 +48,10 @@ class Sizes:
     text_len: int = 30
     attn_heads: int = 12
     attn_head_dim: int = 64
+    caption_image: int = 384
+    caption_beams: int = 3
+    caption_max_length: int = 30
+    caption_min_length: int = 10
 
     def describe(self) -> Dict[str, Any]:
         return {k: (v if not isinstance(v, (VitDims, TextDims)) else v.__dict__) for k, v in self.__dict__.items()}
@@ -70,12 +75,12 @@ TINY = Sizes(
     name="tiny", vit_base={"embed_dim": 64, "depth": 2, "num_heads": 2}, vit_base_dims=VitDims(64, 2),
     vit_base_heads=2, vit_large={"embed_dim": 96, "depth": 3, "num_heads": 2}, vit_large_dims=VitDims(96, 3),
     med=_TINY_MED, text_dims=TextDims(64, 2, 256), text_heads=2, pretrain_image=64, itm_image=96,
-    nlvr_image=64, vit_image=64, queue_size=1024, attn_heads=2, attn_head_dim=32,
+    nlvr_image=64, vit_image=64, queue_size=1024, attn_heads=2, attn_head_dim=32, caption_image=64,
 )
 
 GPU_BATCHES: Dict[str, List[int]] = {
     "pretrain": [32, 64, 128], "pretrain_large": [32], "itm": [64], "itc": [64], "nlvr": [32],
-    "vit": [64, 128], "text": [128], "attention": [64],
+    "vit": [64, 128], "text": [128], "attention": [64], "caption": [1, 64],
 }
 GPU_QUICK_BATCHES: Dict[str, List[int]] = {
     "pretrain": [64], "itm": [64], "itc": [64], "vit": [128], "text": [128], "attention": [64],

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .workloads import AttentionOp, Context, ItmInference, TextOnly, VitOnly
+from .workloads import AttentionOp, CaptionGenerate, Context, ItmInference, TextOnly, VitOnly
 
 
 def _attn_impl_model(cls, config, preferred=("sdpa", "eager")):
@@ -59,11 +59,11 @@ class TimmVit(VitOnly):
         self.detail = f"{name}, fused_attn={fused}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        return self.net("forward_features")(x)
 
 
 # -- transformers ----------------------------------------------------------------------------------
-def blip_config(ctx: Context):
+def blip_config(ctx: Context, image_size: Optional[int] = None):
     from transformers import BlipConfig
 
     s = ctx.sizes
@@ -71,7 +71,7 @@ def blip_config(ctx: Context):
     text = dict(vocab_size=30524, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=s.text_heads,
                 intermediate_size=t.intermediate, max_position_embeddings=512, encoder_hidden_size=v.width)
     vision = dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio), num_hidden_layers=v.depth,
-                  num_attention_heads=s.vit_base_heads, image_size=s.itm_image, patch_size=v.patch)
+                  num_attention_heads=s.vit_base_heads, image_size=image_size or s.itm_image, patch_size=v.patch)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=256, image_text_hidden_size=256)
 
 
@@ -94,8 +94,38 @@ class HfBlipItm(ItmInference):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with torch.inference_mode(), self.autocast():
-            self.model(input_ids=text.input_ids, pixel_values=image, attention_mask=text.attention_mask,
+            self.net()(input_ids=text.input_ids, pixel_values=image, attention_mask=text.attention_mask,
                        use_itm_head=self.head == "itm")
+
+
+class HfBlipCaption(CaptionGenerate):
+    """transformers' ``BlipForConditionalGeneration`` (random weights from a config matching BLIP base
+    at the caption size) with its own ``generate``: the same prompt ('[DEC] a picture of'), 3 beams,
+    max/min length, end token; its cache keeps the cross-attention keys/values per beam row and
+    reorders them with the beams."""
+
+    impl = "transformers"
+    model_key = "hf_blip_caption"
+    uses_backends = False
+
+    def setup(self) -> None:
+        from transformers import BlipForConditionalGeneration
+
+        def build():
+            with torch.device(self.ctx.device):
+                model, impl, refused = _attn_impl_model(BlipForConditionalGeneration,
+                                                        blip_config(self.ctx, self.ctx.sizes.caption_image))
+            return model.to(self.ctx.device).eval(), impl, refused
+
+        self.model, impl, self.refused = self.ctx.shared("hf_blip_caption", build)
+        self.detail = f"BlipForConditionalGeneration.generate, attn={impl}"
+        self.prompt = torch.tensor([[101, 1037, 3861, 1997, 102]], device=self.ctx.device)  # [SEP] is dropped
+
+    def generate(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.ctx.sizes
+        return self.model.generate(pixel_values=images, input_ids=self.prompt.expand(images.shape[0], -1).clone(),
+                                   num_beams=s.caption_beams, max_length=s.caption_max_length,
+                                   min_length=s.caption_min_length, do_sample=False)
 
 
 class HfBertText(TextOnly):
@@ -125,7 +155,7 @@ class HfBertText(TextOnly):
         self.detail = f"BertModel, attn={impl}"
 
     def forward(self, text: Any) -> torch.Tensor:
-        return self.model(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        return self.net()(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
 
 
 # -- torch SDPA kernels ----------------------------------------------------------------------------
@@ -201,6 +231,8 @@ def peer_workloads(group: str, ctx: Context, peers: List[str], patterns: List[st
         out += [TimmVit(ctx, backward=False), TimmVit(ctx, backward=True)]
     if group in ("itm", "itc") and "transformers" in peers:
         out.append(HfBlipItm(ctx, group))
+    if group == "caption" and "transformers" in peers:
+        out.append(HfBlipCaption(ctx))
     if group == "text" and "transformers" in peers:
         out += [HfBertText(ctx, backward=False), HfBertText(ctx, backward=True)]
     if group == "attention" and "torch-sdpa" in peers:

@@ -32,8 +32,8 @@ from blip_fast.ops import _dispatch
 from . import compare as compare_mod
 from . import config as cfg
 from . import data, env, peers, report, timing
-from .workloads import (AttentionOp, Context, ItmInference, NlvrStep, PretrainStep, TextOnly, VitOnly,
-                        Workload, attention_shapes)
+from .workloads import (AttentionOp, CaptionGenerate, Context, ItmInference, NlvrStep, PretrainStep, TextOnly,
+                        VitOnly, Workload, attention_shapes)
 
 SCHEMA = 1
 
@@ -80,6 +80,15 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU intra-op threads (default on CPU: 1; the tiny ops gain nothing from more, and "
                         "OpenMP spinning on a shared machine made steps 10-40x slower)")
+    p.add_argument("--compile", choices=["off", "also", "only"], default="off",
+                   help="also (or only) time every model wrapped in torch.compile; rows get impl '<impl>+compile'")
+    p.add_argument("--cuda-graph", choices=["off", "also", "only"], default="off",
+                   help="also (or only) replay whole training steps from a CUDA graph where the workload "
+                        "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph'")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="build the pretraining models with every ViT block and BERT layer checkpointed")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for --compile (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off by default)")
     p.add_argument("--no-matmul", action="store_true", help="skip the bf16 matmul-rate measurement")
     p.add_argument("--git-commit", help="commit to record (default: $BLIP_FAST_GIT_COMMIT or git rev-parse)")
@@ -219,6 +228,8 @@ def group_workloads(group: str, ctx: Context, patterns: List[str], peer_names: L
         own = [TextOnly(ctx, backward=False), TextOnly(ctx, backward=True)]
     elif group == "attention":
         own = [AttentionOp(ctx, p, bwd) for p in patterns for bwd in (False, True)]
+    elif group == "caption":
+        own = [CaptionGenerate(ctx)]
     else:
         raise ValueError(group)
     return own + peers.peer_workloads(group, ctx, peer_names, patterns)
@@ -289,6 +300,7 @@ class Runner:
                 raise SystemExit(f"--dtype takes fp32 and/or bf16, got {bad}")
         self.tokenizer = data.Tokenizer(args.tokenizer)
         self.ctx = Context(self.device, self.sizes, self.tokenizer, seed=args.seed)
+        self.ctx.checkpointing = args.activation_checkpointing
         self.out = args.out
         self.meta = {
             "schema": SCHEMA,
@@ -345,8 +357,20 @@ class Runner:
             return ["bf16"]
         return ["fp32"]
 
-    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int]]]]:
-        """[(group, [(workload, backend or None, dtype, batch), ...]), ...] in run order."""
+    def execution_variants(self, w: Workload, backend: Optional[str]) -> List[str]:
+        """How each case runs: "eager", "compile" (``--compile``) and/or "graph" (``--cuda-graph``).
+        The reference path always runs eagerly, as the original does."""
+        if backend == "reference":
+            return ["eager"]
+        out = ["eager"] if self.args.compile != "only" and self.args.cuda_graph != "only" else []
+        if self.args.compile != "off" and w.supports_compile:
+            out.append("compile")
+        if self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda":
+            out.append("graph")
+        return out or ["eager"]
+
+    def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int, str]]]]:
+        """[(group, [(workload, backend or None, dtype, batch, execution), ...]), ...] in run order."""
         plan = []
         for group in self.groups:
             wls = group_workloads(group, self.ctx, self.patterns, self.peers)
@@ -361,7 +385,8 @@ class Runner:
                             for w in ws:
                                 for backend in (self.backends if w.uses_backends else [None]):
                                     if dtype in self.dtypes_for(group, backend):
-                                        cases.append((w, backend, dtype, batch))
+                                        for execution in self.execution_variants(w, backend):
+                                            cases.append((w, backend, dtype, batch, execution))
             plan.append((group, cases))
         return plan
 
@@ -369,15 +394,16 @@ class Runner:
     def remaining(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int,
+    def run_case(self, w: Workload, backend: Optional[str], dtype: str, batch: int, execution: str,
                  inputs_cache: Dict[Any, Any], progress: Progress) -> Dict[str, Any]:
+        w.execution, w.compile_mode = execution, self.args.compile_mode
         row: Dict[str, Any] = {
-            "group": w.group, "variant": w.variant, "impl": w.impl,
+            "group": w.group, "variant": w.variant, "impl": w.impl + w.execution_suffix,
             "backend": backend if w.uses_backends else w.peer_backend, "label": None,
             "dtype": dtype, "batch": batch, "unit": w.unit, "status": "ok", "reason": None,
         }
         tag = row["backend"]
-        progress.start(f"{w.group} {w.variant} {w.impl}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
+        progress.start(f"{w.group} {w.variant} {row['impl']}{'[' + tag + ']' if tag else ''} {dtype} b={batch}")
         rem = self.remaining()
         if (rem is not None and rem <= 0) or self.fatal:
             why = self.fatal or "time budget exhausted"
@@ -401,7 +427,7 @@ class Runner:
             with backend_scope(backend, self.args.strict_backends):
                 for i in range(self.warmup):
                     inp = sets[i % len(sets)]
-                    if i == 0:
+                    if i == 0 and execution == "eager":  # (tracing would be compiled or captured in)
                         with trace_ops() as counts:
                             t = timing.time_step(lambda: w.step(inp), self.device)
                         used = {op: dict(c) for op, c in counts.items()}
@@ -435,6 +461,9 @@ class Runner:
                 "flops_per_step": flops_step, "tflops": flops_step / median_s / 1e12 if flops_step else None,
                 "peak_mem_bytes": peak, "mem_kind": mem_kind, "ops_used": used,
             })
+            details = w.details(batch)
+            if details:
+                row["details"] = details
             matmul = self.meta.get("matmul") or {}
             if row["tflops"] and matmul.get("tflops"):
                 row["mfu"] = row["tflops"] / matmul["tflops"]
@@ -461,7 +490,8 @@ class Runner:
 
     @staticmethod
     def _label(w: Workload, backend: Optional[str]) -> str:
-        return backend if w.uses_backends and backend else w.label
+        base = backend if w.uses_backends and backend else w.label
+        return base + w.execution_suffix
 
     @staticmethod
     def _backend_unused(backend: Optional[str], used: Dict[str, Dict[str, int]]) -> Optional[str]:
@@ -517,8 +547,10 @@ class Runner:
         if self.args.list:
             for group, cases in plan:
                 print(f"{group}:")
-                for w, backend, dtype, batch in cases:
-                    print(f"  {w.variant:28s} {self._label(w, backend):40s} {dtype:5s} b={batch}")
+                for w, backend, dtype, batch, execution in cases:
+                    w.execution = execution
+                    label = self._label(w, backend)
+                    print(f"  {w.variant:28s} {label:40s} {dtype:5s} b={batch}")
             print(f"{total} cases")
             torch.set_num_threads(self._threads_before)
             return 0
@@ -537,11 +569,11 @@ class Runner:
             for group, cases in plan:
                 inputs_cache: Dict[Any, Any] = {}
                 last = None
-                for i, (w, backend, dtype, batch) in enumerate(cases):
+                for i, (w, backend, dtype, batch, execution) in enumerate(cases):
                     if (w.model_key, w.variant, batch) != last:
                         inputs_cache.clear()
                         last = (w.model_key, w.variant, batch)
-                    self.rows.append(self.run_case(w, backend, dtype, batch, inputs_cache, progress))
+                    self.rows.append(self.run_case(w, backend, dtype, batch, execution, inputs_cache, progress))
                     self.save_json()
                     if w.model_key is not None and all(c[0].model_key != w.model_key for c in cases[i + 1:]):
                         inputs_cache.clear()
@@ -550,7 +582,7 @@ class Runner:
                         self.ctx.drop(w.model_key)
                         timing.free_memory(self.device)
                 inputs_cache.clear()
-                for w in {id(w): w for w, _, _, _ in cases}.values():
+                for w in {id(c[0]): c[0] for c in cases}.values():
                     w.teardown()
                 self.ctx.clear()
                 timing.free_memory(self.device)

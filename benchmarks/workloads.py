@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -57,9 +57,27 @@ class Workload:
     #: one model and frees it before building the next, so peak memory never counts another model.
     model_key: Optional[str] = None
 
+    #: Set by the runner per case: "eager", "compile" (``torch.compile(self.model)``, see
+    #: :meth:`net`) or "graph" (the whole step replayed from a CUDA graph, where supported).
+    execution = "eager"
+    compile_mode: Optional[str] = None
+    #: Whether :meth:`step` can run as one captured CUDA graph (``--cuda-graph``).
+    supports_graph = False
+    #: Whether a ``torch.compile`` variant of :meth:`step` means anything (``--compile``).
+    supports_compile = True
+
+    @property
+    def compiled(self) -> bool:
+        return self.execution == "compile"
+
+    @property
+    def execution_suffix(self) -> str:
+        return "" if self.execution == "eager" else "+" + self.execution
+
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.dtype = "fp32"
+        self._compiled_net: Dict[Optional[str], Tuple[Any, Any]] = {}
         self.detail = ""  # what a peer really ran (attention implementation, kernel)
         self.setup_error: Optional[BaseException] = None
         self._ready = False
@@ -88,7 +106,20 @@ class Workload:
     #: Attributes holding models, optimizers and other memory, dropped by :meth:`teardown`.
     resources = ("model", "optimizer")
 
+    def net(self, method: Optional[str] = None) -> Any:
+        """What :meth:`step` calls: ``self.model`` (or its bound ``method``), or the
+        ``torch.compile`` wrapper of it when the case is a compiled one (built once per model; it
+        shares the parameters)."""
+        fn = self.model if method is None else getattr(self.model, method)
+        if not self.compiled:
+            return fn
+        cached = self._compiled_net.get(method)
+        if cached is None or cached[0] is not self.model:
+            cached = self._compiled_net[method] = (self.model, torch.compile(fn, mode=self.compile_mode))
+        return cached[1]
+
     def teardown(self) -> None:
+        self._compiled_net = {}
         for name in self.resources:
             if hasattr(self, name):
                 setattr(self, name, None)
@@ -119,9 +150,24 @@ class Workload:
     def shape(self, batch: int) -> Dict[str, Any]:
         return {}
 
+    def details(self, batch: int) -> Dict[str, Any]:
+        """What the timed steps did, recorded with the row after timing (e.g. tokens generated)."""
+        return {}
+
     @property
     def label(self) -> str:
         return self.impl if not self.detail else f"{self.impl} ({self.detail})"
+
+
+def _shapes(x: Any) -> tuple:
+    from blip_fast.cuda_graph import _flatten
+    return tuple((p, tuple(t.shape)) for p, t in _flatten(x) if isinstance(t, torch.Tensor))
+
+
+def _dispatch_order() -> tuple:
+    """The auto order in effect (the runner narrows it for single-backend cases)."""
+    from blip_fast.ops import _dispatch
+    return tuple(_dispatch.AUTO_ORDER)
 
 
 def _build(fn: Callable[[], torch.nn.Module], device: torch.device) -> torch.nn.Module:
@@ -153,9 +199,16 @@ class PretrainStep(Workload):
 
     def setup(self) -> None:
         s = self.ctx.sizes
+        ckpt = getattr(self.ctx, "checkpointing", False)
+        depth = self.vit_dims.depth
         self.model = _build(lambda: blip_fast.blip_pretrain(image_size=s.pretrain_image, vit=self.vit,
-                                                            queue_size=s.queue_size, **_med_kwargs(s)),
+                                                            queue_size=s.queue_size, vit_grad_ckpt=ckpt,
+                                                            vit_ckpt_layer=depth if ckpt else 0,
+                                                            **_med_kwargs(s)),
                             self.ctx.device)
+        if ckpt:  # every ViT block and every BERT layer recomputed in backward
+            self.model.text_encoder.gradient_checkpointing_enable()
+            self.model.text_decoder.gradient_checkpointing_enable()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
@@ -168,14 +221,43 @@ class PretrainStep(Workload):
         return data.image_text_sets(self.ctx.tokenizer, n_sets, batch, s.pretrain_image, s.pretrain_len,
                                     self.ctx.device, self.ctx.seed + batch)
 
+    supports_graph = True
+    resources = ("model", "optimizer", "graph_optimizer", "graphs")
+
     def step(self, inputs: Any) -> None:
         image, text = inputs
-        with self.autocast():
-            loss_ita, loss_itm, loss_lm = self.model(image, text, alpha=0.4)
-            loss = loss_ita + loss_itm + loss_lm
+        if self.execution == "graph":
+            self._graphed(image, text)
+            return
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self._train_step(image, text, 0.4, self.optimizer)
+
+    def _train_step(self, image: Any, text: Any, alpha: Any, optimizer: torch.optim.Optimizer) -> Any:
+        with self.autocast():
+            losses = self.net()(image, text, alpha=alpha)
+        sum(losses).backward()
+        optimizer.step()
+        return losses
+
+    def _graphed(self, image: Any, text: Any) -> None:
+        """The step replayed from a CUDA graph captured on first use for this shape and dtype, with
+        a capturable AdamW over the same parameters (its own moments: a separate optimiser)."""
+        from blip_fast.cuda_graph import CUDAGraphStep
+
+        if getattr(self, "graphs", None) is None:
+            self.graphs = {}
+        key = (tuple(image.shape), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+        if key not in self.graphs:
+            self.graphs.clear()  # one captured step (and its memory pool) at a time
+            if getattr(self, "graph_optimizer", None) is None:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.graph_optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, capturable=True)
+            alpha = torch.full((), 0.4, device=image.device)
+            self.graphs[key] = (CUDAGraphStep(
+                lambda i, t, a: self._train_step(i, t, a, self.graph_optimizer), image, text, alpha,
+                optimizer=self.graph_optimizer), alpha)
+        graph, alpha = self.graphs[key]
+        graph(image, text, alpha)
 
     def cleanup(self) -> None:
         if getattr(self, "optimizer", None) is not None:
@@ -217,7 +299,7 @@ class ItmInference(Workload):
     def step(self, inputs: Any) -> None:
         image, text = inputs
         with torch.inference_mode(), self.autocast():
-            self.model(image, text, match_head=self.head)
+            self.net()(image, text, match_head=self.head)
 
     def flops(self, batch: int) -> float:
         s = self.ctx.sizes
@@ -254,7 +336,7 @@ class NlvrStep(Workload):
     def step(self, inputs: Any) -> None:
         images, text, targets = inputs
         with self.autocast():
-            loss = self.model(images, text, targets, train=True)
+            loss = self.net()(images, text, targets, train=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -277,6 +359,8 @@ class NlvrStep(Workload):
 class EncoderWorkload(Workload):
     """A single encoder timed on its own; subclasses build ``self.model`` and define ``forward``."""
 
+    resources = ("model", "optimizer", "graphs")
+
     def __init__(self, ctx: Context, backward: bool):
         super().__init__(ctx)
         self.backward = backward
@@ -285,12 +369,28 @@ class EncoderWorkload(Workload):
     def begin_case(self) -> None:
         self.model.train(self.backward)
 
+    @property
+    def supports_graph(self) -> bool:  # the training step (forward + backward) only
+        return self.backward
+
+    def _fwdbwd(self, x: Any) -> None:
+        with self.autocast():
+            out = self.forward(x)
+        out.float().mean().backward()
+
     def step(self, x: Any) -> None:
-        if self.backward:
+        if self.backward and self.execution == "graph":
+            from blip_fast.cuda_graph import CUDAGraphStep
+
+            key = (_shapes(x), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+            graphs = getattr(self, "graphs", None) or {}
+            if key not in graphs:
+                graphs = {key: CUDAGraphStep(self._fwdbwd, x, params=list(self.model.parameters()))}
+            self.graphs = graphs
+            graphs[key](x)
+        elif self.backward:
             self.model.zero_grad(set_to_none=True)
-            with self.autocast():
-                out = self.forward(x)
-            out.float().mean().backward()
+            self._fwdbwd(x)
         else:
             with torch.inference_mode(), self.autocast():
                 self.forward(x)
@@ -314,7 +414,7 @@ class VitOnly(EncoderWorkload):
         self.model = self.build_model()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.net()(x)
 
     def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
         gen = data.generator(self.ctx.device, self.ctx.seed + batch)
@@ -348,7 +448,7 @@ class TextOnly(EncoderWorkload):
                 for _ in range(n_sets)]
 
     def forward(self, text: Any) -> torch.Tensor:
-        return self.model(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
+        return self.net()(text.input_ids, attention_mask=text.attention_mask, mode="text").last_hidden_state
 
     def items(self, batch: int) -> float:
         return float(batch * self.ctx.sizes.text_len)
@@ -435,3 +535,61 @@ class AttentionOp(Workload):
 
     def shape(self, batch: int) -> Dict[str, Any]:
         return dict(self.spec(batch))
+
+
+# -- BLIP_Decoder captioning -------------------------------------------------------------------------
+class CaptionGenerate(Workload):
+    """Captions of random images by beam search, image encoder included (tokens, not strings).
+
+    On the ``reference`` backend this is the reference path: the original's algorithm (self-attention
+    ``past_key_values`` tuples, cross-attention keys/values of the image tokens recomputed at every
+    step for every beam, per-input Python loops in beam search). On any other backend it is the fast
+    path (cross-attention keys/values once per batch, in-place cache, device-side search, CUDA
+    graphs on GPUs).
+    """
+
+    group = "caption"
+    variant = "beam3"
+    unit = "captions/s"
+    model_key = "blip_decoder"
+    supports_compile = False  # the fast path replays its own CUDA graphs; there is no step to compile
+
+    def setup(self) -> None:
+        s = self.ctx.sizes
+        self.model = self.ctx.shared("blip_decoder", lambda: _build(
+            lambda: blip_fast.blip_decoder(image_size=s.caption_image, vit=s.vit_base, **_med_kwargs(s)).eval(),
+            self.ctx.device))
+        self.lengths: List[int] = []
+
+    def begin_case(self) -> None:
+        self.lengths = []
+        self.decoding = None
+
+    def make_inputs(self, batch: int, n_sets: int) -> List[Any]:
+        gen = data.generator(self.ctx.device, self.ctx.seed + 11 * batch)
+        return [data.images(batch, self.ctx.sizes.caption_image, self.ctx.device, gen) for _ in range(n_sets)]
+
+    def generate(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.ctx.sizes
+        self.decoding = "original" if ops.get_backend() == "reference" else "fast"
+        return self.model.generate_ids(images, num_beams=s.caption_beams, max_length=s.caption_max_length,
+                                       min_length=s.caption_min_length, decoding=self.decoding)
+
+    def step(self, images: torch.Tensor) -> None:
+        with torch.inference_mode(), self.autocast():
+            ids = self.generate(images)
+        if len(self.lengths) < 64:  # reading the length synchronises: keep it out of most steps
+            self.lengths.append(int(ids.shape[1]))
+
+    def details(self, batch: int) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"output_lengths_seen": sorted(set(self.lengths))}
+        if getattr(self, "decoding", None):
+            out["decoding"] = self.decoding
+        return out
+
+    def shape(self, batch: int) -> Dict[str, Any]:
+        s = self.ctx.sizes
+        return {"images": [batch, 3, s.caption_image, s.caption_image], "vit": _vit_name(s.vit_base),
+                "num_beams": s.caption_beams, "max_length": s.caption_max_length, "min_length": s.caption_min_length,
+                "prompt": "[DEC] a picture of"}
+

@@ -24,6 +24,7 @@ from .models import (  # noqa: E402
     BLIP_NLVR,
     BLIP_Pretrain,
     BertLMHeadModel,
+    VisionTextDualEncoder,
     BertModel,
     VisionTransformer,
     blip_itm,
@@ -31,11 +32,28 @@ from .models import (  # noqa: E402
     blip_pretrain,
     create_vit,
 )
+from .models import (  # noqa: E402
+    BLIP_VQA,
+    BLIP_Base,
+    BLIP_Decoder,
+    BLIP_Retrieval,
+    blip_decoder,
+    blip_feature_extractor,
+    blip_retrieval,
+    blip_vqa,
+)
+from .generation import GenerationConfig  # noqa: E402
 from .tokenizer import TokenizedText, init_tokenizer, tokenize  # noqa: E402
+from .models.pretrained import PretrainedMixin  # noqa: E402
+
+from_pretrained = PretrainedMixin.from_pretrained  # any model saved with save_pretrained
 
 __all__ = [
     "__version__", "use_backend", "set_backend", "get_backend", "available_backends", "BackendUnavailableError",
     "BLIP_Pretrain", "blip_pretrain", "BLIP_ITM", "blip_itm", "BLIP_NLVR", "blip_nlvr", "VisionTransformer",
     "create_vit", "BertModel", "BertLMHeadModel", "load_checkpoint", "LoadReport", "CheckpointError",
     "init_tokenizer", "tokenize", "TokenizedText",
+    "BLIP_Decoder", "blip_decoder", "BLIP_Retrieval", "blip_retrieval", "BLIP_VQA", "blip_vqa", "BLIP_Base",
+    "blip_feature_extractor", "GenerationConfig",
+    "VisionTextDualEncoder", "from_pretrained",
 ]

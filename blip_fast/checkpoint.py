@@ -34,6 +34,14 @@ class LoadReport:
     interpolated: Dict[str, Tuple[int, int]] = field(default_factory=dict)
     #: keys added by duplication (NLVR twin cross-attention): new key -> checkpoint key
     duplicated_from: Dict[str, str] = field(default_factory=dict)
+    #: checkpoint keys deliberately not loaded (classifier heads, DeiT's dist_token, ...): key -> why
+    dropped: Dict[str, str] = field(default_factory=dict)
+    #: model keys with no counterpart in the source, left at the model's initialisation by design
+    #: (e.g. cross-attention when starting from bert-base-uncased); also listed in missing_keys
+    initialized_keys: List[str] = field(default_factory=list)
+    #: tensors whose leading rows were copied into a larger / smaller model tensor (vocabulary
+    #: resize): key -> (checkpoint shape, model shape)
+    resized: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"missing keys ({len(self.missing_keys)}): {self.missing_keys[:20]}"
@@ -46,6 +54,17 @@ class LoadReport:
             lines.append(f"position embeddings interpolated: {self.interpolated}")
         if self.duplicated_from:
             lines.append(f"keys duplicated for the twin cross-attention: {len(self.duplicated_from)}")
+        if self.dropped:
+            by_reason: Dict[str, List[str]] = {}
+            for key, reason in self.dropped.items():
+                by_reason.setdefault(reason, []).append(key)
+            lines.append(f"checkpoint keys dropped on purpose ({len(self.dropped)}):")
+            lines.extend(f"  {reason}: {len(keys)} key(s), e.g. {keys[:3]}" for reason, keys in by_reason.items())
+        if self.initialized_keys:
+            lines.append(f"newly initialised model keys ({len(self.initialized_keys)}): {self.initialized_keys[:20]}"
+                         + (" ..." if len(self.initialized_keys) > 20 else ""))
+        if self.resized:
+            lines.append(f"resized (rows copied, the rest initialised): {self.resized}")
         return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """The ``blip-fast`` command. ``blip-fast bench [options]`` runs the benchmark suite
-(``benchmarks/``; ``blip-fast bench --help`` lists its options)."""
+(``benchmarks/``; ``blip-fast bench --help`` lists its options); ``blip-fast pretrain`` runs the
+pretraining job and ``blip-fast eval`` the retrieval evaluation (``--help`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="blip-fast", description="blip_fast command-line tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("bench", add_help=False, help="run the benchmark suite (blip-fast bench --help)")
+    sub.add_parser("pretrain", add_help=False, help="BLIP pretraining job from a YAML config (--help)")
+    sub.add_parser("eval", add_help=False, help="zero-shot image-text retrieval recall (--help)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _benchmarks().main(rest, prog="blip-fast bench")
+    if args.command == "pretrain":
+        from .train.commands import pretrain_main
+        return pretrain_main(rest)
+    if args.command == "eval":
+        from .train.commands import eval_main
+        return eval_main(rest)
     parser.print_help()
     return 2
 

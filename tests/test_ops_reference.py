@@ -112,6 +112,23 @@ def test_momentum_update_formula():
     torch.manual_seed(7)
     p, pm = [torch.randn(5), torch.randn(3, 2)], [torch.randn(5), torch.randn(3, 2)]
     expected = [m * 0.995 + x * 0.005 for m, x in zip(pm, p)]
-    ops.momentum_update(pm, p, 0.995)
+    with ops.use_backend("reference"):
+        ops.momentum_update(pm, p, 0.995)
     for a, e in zip(pm, expected):
         assert torch.equal(a, e)
+
+
+def test_momentum_update_multi_tensor_matches_reference():
+    torch.manual_seed(8)
+    p = [torch.randn(64), torch.randn(33, 7), torch.randn(5, dtype=torch.float64)]
+    pm = [torch.randn_like(x) for x in p]
+    pm_ref = [x.clone() for x in pm]
+    with ops.use_backend("reference"):
+        ops.momentum_update(pm_ref, p, 0.995)
+    with ops.use_backend("sdpa"):
+        ops.momentum_update(pm, p, 0.995)
+    for a, e in zip(pm, pm_ref):
+        assert rel_err(a, e) < 1e-6
+    with pytest.raises(ops.BackendUnavailableError, match="mismatch"):
+        with ops.use_backend("sdpa"):
+            ops.momentum_update([torch.zeros(3)], [torch.zeros(4)], 0.9)

@@ -8,14 +8,18 @@ import torch.nn as nn
 
 from .. import tokenizer as tok
 from ._backend import BackendSelectable
+from .pretrained import PretrainedMixin
 
 
-class BlipBase(BackendSelectable, nn.Module):
+class BlipBase(PretrainedMixin, BackendSelectable, nn.Module):
     """Base of BLIP_Pretrain / BLIP_ITM / BLIP_NLVR.
 
     ``tokenizer``: a tokenizer object, a vocab path / hub name for :func:`init_tokenizer`, or None
     (the default vocabulary). It is built on first use, so a model fed pre-tokenised captions
     never needs a vocabulary file.
+
+    ``save_pretrained(folder)`` / ``from_pretrained(folder_or_hub_name)`` come from
+    :class:`~blip_fast.models.pretrained.PretrainedMixin`.
     """
 
     def __init__(self, tokenizer: Optional[Union[str, Any]] = None):

@@ -1,4 +1,9 @@
-"""Pieces shared by the BLIP models (mirrors the original ``models/blip.py``)."""
+"""Pieces shared by the BLIP models (mirrors the original ``models/blip.py``).
+
+The original file also defines the captioning and feature-extractor models; they live in
+``blip_decoder.py`` and ``blip_base.py`` and are importable from here too
+(``from blip_fast.models.blip import blip_decoder``), as the original's users import them.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,7 +18,18 @@ from .vit import create_vit, interpolate_pos_embed
 logger = logging.getLogger("blip_fast.models")
 
 __all__ = ["create_vit", "init_tokenizer", "load_checkpoint", "is_url", "interpolate_pos_embed",
-           "tie_encoder_decoder_weights"]
+           "tie_encoder_decoder_weights", "BLIP_Decoder", "blip_decoder", "BLIP_Base", "blip_feature_extractor"]
+
+_MOVED = {"BLIP_Decoder": "blip_decoder", "blip_decoder": "blip_decoder", "BLIP_Base": "blip_base",
+          "blip_feature_extractor": "blip_base"}
+
+
+def __getattr__(name: str):
+    # The models import this module, so the original's names are resolved lazily.
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tie_encoder_decoder_weights(encoder: nn.Module, decoder: nn.Module, base_model_prefix: str,

@@ -8,19 +8,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
-from ..distributed import concat_all_gather
+from ..distributed import all_gather_with_grad, concat_all_gather, get_rank, get_world_size
 from ..tokenizer import BLIP_VOCAB_SIZE, TextInput
 from .base import BlipBase
 from .blip import load_checkpoint, tie_encoder_decoder_weights
 from .med import BertConfig, BertLMHeadModel, BertModel, load_med_config
+from .momentum import MomentumEncoders, enqueue_
 from .vit import create_vit
 
 Tensor = torch.Tensor
 HardNegatives = Tuple[Tensor, Tensor]
 
 
-class BLIP_Pretrain(BlipBase):
+class BLIP_Pretrain(MomentumEncoders, BlipBase):
     """BLIP pretraining model; ``forward(image, caption, alpha) -> (loss_ita, loss_itm, loss_lm)``.
 
     Args (as the original): ``med_config`` (JSON path, dict or BertConfig; default the shipped
@@ -31,6 +31,15 @@ class BLIP_Pretrain(BlipBase):
     The queues accept any global batch size up to ``queue_size`` (the pointer wraps around), and
     the queue update needs no host synchronisation. Without an initialised process group the
     all-gather is the identity.
+
+    ``negative_all_rank`` (default False, the original pretraining): under data parallelism the
+    in-batch contrastive keys and the hard negatives come from this rank's batch only. With True
+    they come from the global batch, as BLIP's retrieval fine-tuning does: the momentum features of
+    every rank join the ITC keys (they carry no gradient, so a plain all-gather suffices) and the
+    ITM negatives are drawn from every rank, with the image embeddings gathered *with* gradient
+    (:func:`blip_fast.distributed.all_gather_with_grad`) so a negative's gradient reaches the rank
+    that encoded it. On one process both settings are the same computation; with N ranks of batch
+    B, ``negative_all_rank=True`` computes exactly what one process does on the N*B batch.
     """
 
     caption_max_length = 30
@@ -38,7 +47,7 @@ class BLIP_Pretrain(BlipBase):
     def __init__(self, med_config: Union[str, Dict[str, Any], BertConfig, None] = "configs/bert_config.json",
                  image_size: int = 224, vit: Union[str, Dict[str, Any]] = "base", vit_grad_ckpt: bool = False,
                  vit_ckpt_layer: int = 0, embed_dim: int = 256, queue_size: int = 57600, momentum: float = 0.995,
-                 tokenizer: Optional[Any] = None):
+                 tokenizer: Optional[Any] = None, negative_all_rank: bool = False):
         super().__init__(tokenizer)
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
@@ -69,60 +78,55 @@ class BLIP_Pretrain(BlipBase):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.queue_size = queue_size
         self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
         self.temp = nn.Parameter(0.07 * torch.ones([]))
 
         decoder_config = load_med_config(encoder_config)
         self.text_decoder = BertLMHeadModel(config=decoder_config)
         tie_encoder_decoder_weights(self.text_encoder, self.text_decoder.bert, "", "/attention")
 
-    # -- momentum encoders and queues ------------------------------------------------------------
-    def _momentum_params(self) -> Tuple[list, list]:
-        online, momentum = [], []
-        for model, model_m in self.model_pairs:
-            online.extend(model.parameters())
-            momentum.extend(model_m.parameters())
-        return online, momentum
+    def _decoder_shares_cross_attention(self) -> bool:
+        """Whether the decoder's cross-attention keys/values are the encoder's (tied at construction;
+        a wrapper that re-creates parameters could untie them, and then the decoder projects its own)."""
+        for enc, dec in zip(self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer):
+            a, b = enc.crossattention.self, dec.crossattention.self
+            if a.key.weight is not b.key.weight or a.value.weight is not b.value.weight \
+                    or a.key.bias is not b.key.bias or a.value.bias is not b.value.bias:
+                return False
+        return True
 
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Initialise the momentum encoders from the online ones and freeze them."""
-        online, momentum = self._momentum_params()
-        for p, p_m in zip(online, momentum):
-            p_m.data.copy_(p.data)
-            p_m.requires_grad = False
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        online, momentum = self._momentum_params()
-        ops.momentum_update(momentum, online, self.momentum)
-
+    # -- queues ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
         """Write the gathered momentum features at the queue pointer (wrapping around)."""
-        image_feats = concat_all_gather(image_feat)
-        text_feats = concat_all_gather(text_feat)
-        batch_size = image_feats.shape[0]
-        if batch_size > self.queue_size:
-            raise ValueError(f"global batch {batch_size} exceeds queue_size {self.queue_size}: "
-                             f"build the model with queue_size >= the global batch size")
-        idx = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
-        self.image_queue.index_copy_(1, idx, image_feats.T.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, idx, text_feats.T.to(self.text_queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
+        self._enqueue_gathered(*_gather_pair(image_feat, text_feat))
+
+    @torch.no_grad()
+    def _enqueue_gathered(self, image_feats: Tensor, text_feats: Tensor) -> None:
+        """Write features already gathered from every rank ``(world * B, D)`` at the pointer."""
+        enqueue_(self.queue_ptr, self.queue_size, [(self.image_queue, image_feats), (self.text_queue, text_feats)])
 
     # -- forward ---------------------------------------------------------------------------------
     @staticmethod
-    def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, batch_size: int) -> HardNegatives:
+    def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, batch_size: int, offset: int = 0) -> HardNegatives:
         """One negative image per text and one negative text per image, drawn in one call each from
-        ``softmax(sim[:, :B]) + 1e-4`` with the diagonal zeroed (no host synchronisation).
+        ``softmax(sim[:, :batch_size]) + 1e-4`` with each row's positive (column ``offset + i``)
+        zeroed (no host synchronisation). ``batch_size``: the number of candidate columns (the
+        local batch, or the global one with ``negative_all_rank``); ``offset``: where this rank's
+        rows start among them.
 
-        Returns ``(neg_image_idx, neg_text_idx)``, each ``(B,)`` int64.
+        Returns ``(neg_image_idx, neg_text_idx)``, each ``(B,)`` int64 indices into the candidates.
         """
         with torch.no_grad():
             weights_t2i = F.softmax(sim_t2i[:, :batch_size].float(), dim=1) + 1e-4
-            weights_t2i.fill_diagonal_(0)
             weights_i2t = F.softmax(sim_i2t[:, :batch_size].float(), dim=1) + 1e-4
-            weights_i2t.fill_diagonal_(0)
+            if offset == 0:
+                weights_t2i.fill_diagonal_(0)
+                weights_i2t.fill_diagonal_(0)
+            else:
+                positives = _positives(weights_t2i, offset)
+                weights_t2i.masked_fill_(positives, 0)
+                weights_i2t.masked_fill_(positives, 0)
             neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
             neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
         return neg_image_idx, neg_text_idx
@@ -132,7 +136,8 @@ class BLIP_Pretrain(BlipBase):
         """Pretraining losses for images ``(B, 3, S, S)`` and their captions.
 
         ``caption``: B strings (tokenised here with padding to 30) or tokenised text.
-        ``hard_negatives``: optional fixed ``(neg_image_idx, neg_text_idx)`` instead of sampling.
+        ``hard_negatives``: optional fixed ``(neg_image_idx, neg_text_idx)`` instead of sampling
+        (indices into the global batch, rank-major, with ``negative_all_rank``).
         Returns ``(loss_ita, loss_itm, loss_lm)``, float32 scalars.
         """
         with self.backend_context():
@@ -140,76 +145,133 @@ class BLIP_Pretrain(BlipBase):
 
     def _forward(self, image: Tensor, caption: TextInput, alpha: float,
                  hard_negatives: Optional[HardNegatives]) -> Tuple[Tensor, Tensor, Tensor]:
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.param_updates_in_forward:  # else done before the forward (FSDP)
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
         bs = image.shape[0]
+        # With negative_all_rank the in-batch keys / negative candidates are the global batch and
+        # this rank's samples sit at [offset, offset + bs).
+        offset = get_rank() * bs if self.negative_all_rank else 0
         text = self.tokens(caption, image.device, padding="max_length", max_length=self.caption_max_length)
         if text.input_ids.shape[0] != bs:
             raise ValueError(f"{bs} images but {text.input_ids.shape[0]} captions")
 
         image_embeds = self.visual_encoder(image)
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        image_feat = _unit(self.vision_proj(image_embeds[:, 0, :]))
         text_output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True,
                                         mode="text")
-        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)
+        text_feat = _unit(self.text_proj(text_output.last_hidden_state[:, 0, :]))
 
         # ============== Image-text contrastive ==============
+        # Features, queues, temperature, similarities and losses stay float32 under autocast.
         with torch.no_grad():
-            self._momentum_update()
+            if self.param_updates_in_forward:
+                self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            image_feat_m = _unit(self.vision_proj_m(image_embeds_m[:, 0, :]))
             text_output_m = self.text_encoder_m(text.input_ids, attention_mask=text.attention_mask,
                                                 return_dict=True, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]), dim=-1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            text_feat_m = _unit(self.text_proj_m(text_output_m.last_hidden_state[:, 0, :]))
+            image_keys, text_keys = image_feat_m, text_feat_m
+            if self.negative_all_rank:
+                image_keys, text_keys = _gather_pair(image_feat_m, text_feat_m)
+            n_keys = image_keys.shape[0]
+            image_feat_all = torch.cat([image_keys.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_keys.t(), self.text_queue.clone().detach()], dim=1)
 
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
-            sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
-            sim_targets.fill_diagonal_(1)
+            sim_i2t_m = _similarity(image_feat_m, text_feat_all, self.temp)
+            sim_t2i_m = _similarity(text_feat_m, image_feat_all, self.temp)
+            if offset == 0:
+                sim_targets = torch.zeros(sim_i2t_m.size(), device=image.device)
+                sim_targets.fill_diagonal_(1)
+            else:
+                sim_targets = _positives(sim_i2t_m, offset).float()
             sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
             sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
 
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
+        sim_i2t = _similarity(image_feat, text_feat_all, self.temp)
+        sim_t2i = _similarity(text_feat, image_feat_all, self.temp)
         loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
         loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
         loss_ita = (loss_i2t + loss_t2i) / 2
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        if self.negative_all_rank:
+            self._enqueue_gathered(image_keys, text_keys)
+        else:
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         # ============== Image-text matching ==============
         encoder_input_ids = text.input_ids.clone()
         encoder_input_ids[:, 0] = self.enc_token_id
-        output_pos = self.text_encoder(encoder_input_ids, attention_mask=text.attention_mask,
-                                       encoder_hidden_states=image_embeds, return_dict=True)
         if hard_negatives is None:
-            neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, bs)
+            neg_image_idx, neg_text_idx = self.sample_hard_negatives(sim_i2t, sim_t2i, n_keys, offset)
         else:
             neg_image_idx, neg_text_idx = (t.to(image.device) for t in hard_negatives)
-        image_embeds_neg = image_embeds[neg_image_idx]
-        text_ids_neg = encoder_input_ids[neg_text_idx]
-        text_atts_neg = text.attention_mask[neg_text_idx]
-
-        text_ids_all = torch.cat([encoder_input_ids, text_ids_neg], dim=0)
-        text_atts_all = torch.cat([text.attention_mask, text_atts_neg], dim=0)
-        image_embeds_all = torch.cat([image_embeds_neg, image_embeds], dim=0)
-        output_neg = self.text_encoder(text_ids_all, attention_mask=text_atts_all,
-                                       encoder_hidden_states=image_embeds_all, return_dict=True)
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]], dim=0)
+        # The cross-attention keys/values depend only on the image tokens and the weights, which
+        # the ITM positives, both kinds of negatives and the decoder share (tied): project them once
+        # per layer for the B images and gather rows, instead of re-projecting 4B image batches.
+        image_kv = self.text_encoder.precompute_cross_kv(image_embeds)
+        # Positives and both kinds of negatives go through the encoder as ONE batch of 3B (the
+        # original makes a B call and a 2B call: the same function per sample, half the launches).
+        # Rows: (text_i, image_i), (text_i, image_neg(i)), (text_neg(i), image_i).
+        if self.negative_all_rank:
+            # Negatives from the global batch (indices into it): the chosen images' embeddings are
+            # gathered with gradient (a negative's gradient reaches the rank that encoded it) and
+            # projected here; the positives reuse this rank's keys/values.
+            neg_kv = self.text_encoder.precompute_cross_kv(all_gather_with_grad(image_embeds)[neg_image_idx])
+            itm_kv = [(torch.cat([k, k_neg, k]), torch.cat([v, v_neg, v]))
+                      for (k, v), (k_neg, v_neg) in zip(image_kv, neg_kv)]
+            all_ids, all_atts = _gather_pair(encoder_input_ids, text.attention_mask)
+            itm_ids = torch.cat([encoder_input_ids, encoder_input_ids, all_ids[neg_text_idx]])
+            itm_atts = torch.cat([text.attention_mask, text.attention_mask, all_atts[neg_text_idx]])
+        else:
+            arange = torch.arange(bs, device=image.device)
+            image_idx = torch.cat([arange, neg_image_idx, arange])
+            text_idx = torch.cat([arange, arange, neg_text_idx])
+            itm_kv = [(k[image_idx], v[image_idx]) for k, v in image_kv]
+            itm_ids, itm_atts = encoder_input_ids[text_idx], text.attention_mask[text_idx]
+        output_itm = self.text_encoder(itm_ids, attention_mask=itm_atts, encoder_kv=itm_kv, return_dict=True)
+        vl_embeddings = output_itm.last_hidden_state[:, 0, :]
         vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(image.device)
+        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=image.device),
+                                torch.zeros(2 * bs, dtype=torch.long, device=image.device)])
         loss_itm = F.cross_entropy(vl_output.float(), itm_labels)
 
         # ============== Language modelling ==============
         decoder_input_ids = text.input_ids.clone()
         decoder_input_ids[:, 0] = self.bos_token_id
         decoder_targets = decoder_input_ids.masked_fill(decoder_input_ids == self.pad_token_id, -100)
+        decoder_kv = image_kv if self._decoder_shares_cross_attention() else None
         decoder_output = self.text_decoder(decoder_input_ids, attention_mask=text.attention_mask,
-                                           encoder_hidden_states=image_embeds, labels=decoder_targets,
-                                           return_dict=True)
+                                           encoder_hidden_states=None if decoder_kv is not None else image_embeds,
+                                           encoder_kv=decoder_kv, labels=decoder_targets, return_dict=True)
         loss_lm = decoder_output.loss
         return loss_ita.float(), loss_itm, loss_lm.float()
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised float32 features ``(N, D)`` (whatever the autocast dtype of ``x``)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _similarity(feat: Tensor, feat_all: Tensor, temp: Tensor) -> Tensor:
+    """``feat @ feat_all / temp`` in float32: ``(N, D) x (D, M) -> (N, M)``, autocast off."""
+    with torch.autocast(device_type=feat.device.type, enabled=False):
+        return feat.float() @ feat_all.float() / temp.float()
+
+
+def _positives(scores: Tensor, offset: int) -> Tensor:
+    """Boolean ``(B, N)`` mask, True at row ``i``'s positive column ``offset + i``."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return torch.arange(scores.shape[1], device=scores.device)[None, :] == (rows + offset)[:, None]
+
+
+def _gather_pair(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """``concat_all_gather`` of two ``(B, *)`` tensors in one collective (in their common dtype)."""
+    if get_world_size() == 1:
+        return a, b
+    joined = concat_all_gather(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
+    first, second = joined.split([a[0].numel(), b[0].numel()], dim=1)
+    return first.reshape((-1,) + a.shape[1:]).to(a.dtype), second.reshape((-1,) + b.shape[1:]).to(b.dtype)
 
 
 def blip_pretrain(pretrained: str = "", **kwargs: Any) -> BLIP_Pretrain:

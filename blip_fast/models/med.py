@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
-from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -32,13 +32,32 @@ from transformers.modeling_outputs import (
 
 from .. import ops
 from ._backend import BackendSelectable
+from .kv_cache import DecoderKVCache, LayerKVCache
 from .layers import AttentionMapCapture, LayerNorm
 
 Tensor = torch.Tensor
 ImageStates = Union[Tensor, Sequence[Tensor]]
+#: Per layer, the cross-attention keys and values of the image tokens, each ``(B_img, H, N, D)``.
+EncoderKV = Sequence[Tuple[Tensor, Tensor]]
+PastKeyValues = Union[Sequence[Tuple[Tensor, Tensor]], DecoderKVCache]
 
 __all__ = ["BertConfig", "load_med_config", "BertModel", "BertLMHeadModel", "BertEmbeddings",
-           "BertSelfAttention", "BertLayer", "BertEncoder"]
+           "BertSelfAttention", "BertLayer", "BertEncoder", "DecoderKVCache"]
+
+
+#: BERT activations by config name (transformers' ACT2FN names; its module costs seconds to import).
+_ACTIVATIONS = {
+    "gelu": nn.GELU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+}
+
+
+def _activation(name_or_fn: Any) -> Any:
+    if not isinstance(name_or_fn, str):
+        return name_or_fn
+    if name_or_fn not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {name_or_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name_or_fn]()
 
 
 def load_med_config(med_config: Union[str, os.PathLike, Dict[str, Any], BertConfig, None] = None,
@@ -141,10 +160,22 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
         self.save_attention = False
         self.attn_gradients: Optional[Tensor] = None
         self.attention_map: Optional[Tensor] = None
+        self.is_cross_attention = is_cross_attention
+        #: optional ``(weight (3*H*D, width), bias)`` of query, key and value stacked: one projection
+        #: instead of three (set on the decoding copy of a decoder, never part of the state dict)
+        self.fused_qkv: Optional[Tuple[Tensor, Tensor]] = None
 
     def transpose_for_scores(self, x: Tensor) -> Tensor:
         """(B, L, H*D) -> (B, H, L, D) as a strided view."""
         return x.view(x.shape[:-1] + (self.num_attention_heads, self.attention_head_size)).permute(0, 2, 1, 3)
+
+    def project_kv(self, states: Tensor) -> Tuple[Tensor, Tensor]:
+        """Keys and values of ``states`` ``(B, N, width)``, each ``(B, H, N, D)`` (strided views).
+
+        For a cross-attention these depend only on the image tokens: generation computes them once
+        and passes them back as ``encoder_kv``.
+        """
+        return self.transpose_for_scores(self.key(states)), self.transpose_for_scores(self.value(states))
 
     def forward(
         self,
@@ -153,27 +184,54 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
         head_mask: Optional[Tensor] = None,
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
-        past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
+        past_key_value: Optional[Union[Tuple[Tensor, Tensor], LayerKVCache]] = None,
         output_attentions: bool = False,
         causal: bool = False,
-    ) -> Tuple[Tensor, ...]:
-        """Masks are boolean keep masks ``(B, Lk)``; returns ``(context, [probs,] (k, v))``."""
+        encoder_kv: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tuple[Any, ...]:
+        """Masks are boolean keep masks ``(B, Lk)``; returns ``(context, [probs,] (k, v))``.
+
+        ``encoder_kv``: precomputed cross-attention keys/values ``(B_img, H, N, D)`` used instead
+        of projecting ``encoder_hidden_states``. The query batch may be a multiple ``g * B_img``
+        (``g`` consecutive rows per image, as beam search lays them out): the ``g`` rows' queries
+        are folded into one query block per image, so keys and values are never repeated.
+        ``past_key_value``: a ``(k, v)`` tuple of earlier positions (concatenated), or a
+        :class:`~blip_fast.models.kv_cache.LayerKVCache` that stores them in place.
+        """
         if head_mask is not None:
             raise NotImplementedError("head_mask is not supported by blip_fast (BLIP never uses it)")
-        query_layer = self.transpose_for_scores(self.query(hidden_states))
-        is_cross_attention = encoder_hidden_states is not None
+        is_cross_attention = encoder_hidden_states is not None or encoder_kv is not None
         if is_cross_attention:
-            key_layer = self.transpose_for_scores(self.key(encoder_hidden_states))
-            value_layer = self.transpose_for_scores(self.value(encoder_hidden_states))
+            query_layer = self.transpose_for_scores(self.query(hidden_states))
+            if encoder_kv is not None:
+                key_layer, value_layer = encoder_kv
+            else:
+                key_layer, value_layer = self.project_kv(encoder_hidden_states)
             key_padding_mask, causal = encoder_attention_mask, False
         else:
-            key_layer = self.transpose_for_scores(self.key(hidden_states))
-            value_layer = self.transpose_for_scores(self.value(hidden_states))
-            if past_key_value is not None:
+            if self.fused_qkv is not None:
+                qkv = F.linear(hidden_states, *self.fused_qkv).split(self.all_head_size, dim=-1)
+                query_layer, key_layer, value_layer = (self.transpose_for_scores(x) for x in qkv)
+            else:
+                query_layer = self.transpose_for_scores(self.query(hidden_states))
+                key_layer, value_layer = self.project_kv(hidden_states)
+            key_padding_mask = attention_mask
+            if isinstance(past_key_value, LayerKVCache):
+                key_layer, value_layer, key_padding_mask, causal = past_key_value.append(
+                    key_layer, value_layer, key_padding_mask, causal)
+            elif past_key_value is not None:
                 key_layer = torch.cat([past_key_value[0], key_layer], dim=2)
                 value_layer = torch.cat([past_key_value[1], value_layer], dim=2)
-            key_padding_mask = attention_mask
-        past_key_value = (key_layer, value_layer)
+        if not isinstance(past_key_value, LayerKVCache):
+            past_key_value = (key_layer, value_layer)
+
+        groups = 1
+        if is_cross_attention and query_layer.shape[0] != key_layer.shape[0]:
+            groups = query_layer.shape[0] // key_layer.shape[0]
+            if groups * key_layer.shape[0] != query_layer.shape[0]:
+                raise ValueError(f"{query_layer.shape[0]} text rows cannot attend to {key_layer.shape[0]} images: "
+                                 "the text batch must be a multiple of the image batch (g rows per image)")
+            query_layer = _fold_groups(query_layer, groups)
 
         save_map = is_cross_attention and self.save_attention
         dropout_p = self.dropout.p if self.training else 0.0
@@ -181,6 +239,8 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
         if output_attentions or save_map:
             context, probs = ops.attention(query_layer, key_layer, value_layer, key_padding_mask=key_padding_mask,
                                            causal=causal, dropout_p=dropout_p, scale=scale, need_weights=True)
+            if groups > 1:
+                probs = _unfold_groups(probs, groups)
             if save_map:
                 self.save_attention_map(probs)
                 if probs.requires_grad:
@@ -189,9 +249,26 @@ class BertSelfAttention(AttentionMapCapture, nn.Module):
             context = ops.attention(query_layer, key_layer, value_layer, key_padding_mask=key_padding_mask,
                                     causal=causal, dropout_p=dropout_p, scale=scale)
             probs = None
-        context = context.permute(0, 2, 1, 3).reshape(context.shape[0], context.shape[2], self.all_head_size)
+        if groups > 1:  # (B, H, g*L, D) -> (g*B, L, H*D) in one copy
+            b, h, gl, d = context.shape
+            context = context.view(b, h, groups, gl // groups, d).permute(0, 2, 3, 1, 4).reshape(
+                b * groups, gl // groups, h * d)
+        else:
+            context = context.permute(0, 2, 1, 3).reshape(context.shape[0], context.shape[2], self.all_head_size)
         outputs = (context, probs) if output_attentions else (context,)
         return outputs + (past_key_value,)
+
+
+def _fold_groups(x: Tensor, groups: int) -> Tensor:
+    """(g*B, H, L, D) with g consecutive rows per image -> (B, H, g*L, D)."""
+    gb, h, length, d = x.shape
+    return x.reshape(gb // groups, groups, h, length, d).transpose(1, 2).reshape(gb // groups, h, groups * length, d)
+
+
+def _unfold_groups(x: Tensor, groups: int) -> Tensor:
+    """Inverse of :func:`_fold_groups` (any trailing size)."""
+    b, h, gl, last = x.shape
+    return x.reshape(b, h, groups, gl // groups, last).transpose(1, 2).reshape(b * groups, h, gl // groups, last)
 
 
 class BertSelfOutput(nn.Module):
@@ -247,11 +324,14 @@ class BertAttention(nn.Module):
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 head_mask: Optional[Tensor] = None, encoder_hidden_states: Optional[ImageStates] = None,
                 encoder_attention_mask: Optional[Union[Tensor, Sequence[Optional[Tensor]]]] = None,
-                past_key_value: Optional[Tuple[Tensor, Tensor]] = None, output_attentions: bool = False,
-                causal: bool = False) -> Tuple[Tensor, ...]:
+                past_key_value: Optional[Union[Tuple[Tensor, Tensor], LayerKVCache]] = None,
+                output_attentions: bool = False, causal: bool = False,
+                encoder_kv: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Any, ...]:
         if isinstance(encoder_hidden_states, (list, tuple)):
             if not self.twin:
                 raise ValueError("a list of image states needs the twin cross-attention (BLIP_NLVR)")
+            if encoder_kv is not None:
+                raise ValueError("precomputed encoder_kv is not supported by the twin cross-attention (BLIP_NLVR)")
             masks = encoder_attention_mask if encoder_attention_mask is not None else (None, None)
             out0 = self.self0(hidden_states, attention_mask, head_mask, encoder_hidden_states[0], masks[0],
                               past_key_value, output_attentions)
@@ -262,7 +342,7 @@ class BertAttention(nn.Module):
         if self.twin:
             raise ValueError("the twin cross-attention (BLIP_NLVR) needs a list of two image states")
         self_outputs = self.self(hidden_states, attention_mask, head_mask, encoder_hidden_states,
-                                 encoder_attention_mask, past_key_value, output_attentions, causal)
+                                 encoder_attention_mask, past_key_value, output_attentions, causal, encoder_kv)
         attention_output = self.output(self_outputs[0], hidden_states)
         return (attention_output,) + self_outputs[1:]
 
@@ -272,7 +352,7 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.hidden_act = config.hidden_act
-        self.intermediate_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.intermediate_act_fn = _activation(config.hidden_act)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.hidden_act == "gelu":
@@ -306,9 +386,14 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 head_mask: Optional[Tensor] = None, encoder_hidden_states: Optional[ImageStates] = None,
-                encoder_attention_mask: Optional[Any] = None, past_key_value: Optional[Tuple[Tensor, Tensor]] = None,
-                output_attentions: bool = False, mode: Optional[str] = None, causal: bool = False) -> Tuple[Any, ...]:
-        self_attn_past = past_key_value[:2] if past_key_value is not None else None
+                encoder_attention_mask: Optional[Any] = None,
+                past_key_value: Optional[Union[Tuple[Tensor, Tensor], LayerKVCache]] = None,
+                output_attentions: bool = False, mode: Optional[str] = None, causal: bool = False,
+                encoder_kv: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Any, ...]:
+        if isinstance(past_key_value, LayerKVCache):
+            self_attn_past = past_key_value
+        else:
+            self_attn_past = past_key_value[:2] if past_key_value is not None else None
         self_outputs = self.attention(hidden_states, attention_mask, head_mask, output_attentions=output_attentions,
                                       past_key_value=self_attn_past, causal=causal)
         attention_output = self_outputs[0]
@@ -316,12 +401,13 @@ class BertLayer(nn.Module):
         present_key_value = self_outputs[-1]
         cross_outputs: Tuple[Any, ...] = ()
         if mode == "multimodal":
-            if encoder_hidden_states is None:
+            if encoder_hidden_states is None and encoder_kv is None:
                 raise ValueError("mode='multimodal' needs encoder_hidden_states (the image embeddings)")
             if not self.config.add_cross_attention:
                 raise ValueError("this BERT was built without cross-attention (config.add_cross_attention=False)")
             cross = self.crossattention(attention_output, attention_mask, head_mask, encoder_hidden_states,
-                                        encoder_attention_mask, output_attentions=output_attentions)
+                                        encoder_attention_mask, output_attentions=output_attentions,
+                                        encoder_kv=encoder_kv)
             attention_output = cross[0]
             cross_outputs = cross[1:-1]
         intermediate_output = self.intermediate(attention_output)
@@ -339,30 +425,38 @@ class BertEncoder(nn.Module):
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 head_mask: Optional[Sequence[Optional[Tensor]]] = None,
                 encoder_hidden_states: Optional[ImageStates] = None, encoder_attention_mask: Optional[Any] = None,
-                past_key_values: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, use_cache: Optional[bool] = None,
+                past_key_values: Optional[PastKeyValues] = None, use_cache: Optional[bool] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False, return_dict: bool = True,
-                mode: str = "multimodal", causal: bool = False):
+                mode: str = "multimodal", causal: bool = False, encoder_kv: Optional[EncoderKV] = None):
         all_hidden_states = () if output_hidden_states else None
         all_self_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions and mode == "multimodal" else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing:
             use_cache = False
-        next_decoder_cache = () if use_cache else None
+        cache = past_key_values if isinstance(past_key_values, DecoderKVCache) else None
+        if encoder_kv is not None and len(encoder_kv) != len(self.layer):
+            raise ValueError(f"encoder_kv has {len(encoder_kv)} layers, the model {len(self.layer)}")
+        next_decoder_cache = () if use_cache and cache is None else None
         for i, layer_module in enumerate(self.layer):
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
             layer_head_mask = head_mask[i] if head_mask is not None else None
-            past_key_value = past_key_values[i] if past_key_values is not None else None
+            if cache is not None:
+                past_key_value = cache.layer(i)
+            else:
+                past_key_value = past_key_values[i] if past_key_values is not None else None
+            layer_kv = encoder_kv[i] if encoder_kv is not None else None
             if checkpointing:
                 layer_outputs = checkpoint(layer_module, hidden_states, attention_mask, layer_head_mask,
                                            encoder_hidden_states, encoder_attention_mask, None, output_attentions,
-                                           mode, causal, use_reentrant=False)
+                                           mode, causal, layer_kv, use_reentrant=False)
             else:
                 layer_outputs = layer_module(hidden_states, attention_mask, layer_head_mask, encoder_hidden_states,
-                                             encoder_attention_mask, past_key_value, output_attentions, mode, causal)
+                                             encoder_attention_mask, past_key_value, output_attentions, mode, causal,
+                                             layer_kv)
             hidden_states = layer_outputs[0]
-            if use_cache:
+            if next_decoder_cache is not None:
                 next_decoder_cache += (layer_outputs[-1],)
             if output_attentions:
                 all_self_attentions = all_self_attentions + (layer_outputs[1],)
@@ -370,6 +464,8 @@ class BertEncoder(nn.Module):
                     all_cross_attentions = all_cross_attentions + (layer_outputs[2],)
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
+        if use_cache and cache is not None:
+            next_decoder_cache = cache
         if not return_dict:
             return tuple(v for v in (hidden_states, next_decoder_cache, all_hidden_states, all_self_attentions,
                                      all_cross_attentions) if v is not None)
@@ -412,6 +508,7 @@ class BertModel(BackendSelectable, nn.Module):
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
+        ops.load_backends()  # no first-use imports inside code traced by torch.compile
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
@@ -456,6 +553,15 @@ class BertModel(BackendSelectable, nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.encoder.gradient_checkpointing = False
 
+    def precompute_cross_kv(self, encoder_hidden_states: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """Every layer's cross-attention keys and values of ``encoder_hidden_states``
+        ``(B, N, encoder_width)``: a list of ``(k, v)``, each ``(B, H, N, D)``, to pass as
+        ``encoder_kv`` (they depend on the image tokens only, so a generation computes them once)."""
+        if not self.config.add_cross_attention:
+            raise ValueError("this BERT was built without cross-attention (config.add_cross_attention=False)")
+        with self.backend_context():
+            return [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer]
+
     def forward(
         self,
         input_ids: Optional[Tensor] = None,
@@ -466,14 +572,20 @@ class BertModel(BackendSelectable, nn.Module):
         encoder_embeds: Optional[Tensor] = None,
         encoder_hidden_states: Optional[ImageStates] = None,
         encoder_attention_mask: Optional[Any] = None,
-        past_key_values: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+        past_key_values: Optional[PastKeyValues] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         is_decoder: bool = False,
         mode: str = "multimodal",
+        encoder_kv: Optional[EncoderKV] = None,
     ):
+        """``encoder_kv``: per layer precomputed cross-attention keys/values (see
+        :meth:`precompute_cross_kv`), used instead of ``encoder_hidden_states``; the text batch may
+        be ``g`` times the image batch (``g`` consecutive rows per image, e.g. beams).
+        ``past_key_values``: ``(k, v)`` tuples per layer (the original's format, returned when
+        ``use_cache``) or a :class:`~blip_fast.models.kv_cache.DecoderKVCache` updated in place."""
         if mode not in ("text", "multimodal"):
             raise ValueError(f"mode must be 'text' or 'multimodal', got {mode!r}")
         if head_mask is not None:
@@ -499,16 +611,30 @@ class BertModel(BackendSelectable, nn.Module):
         else:
             raise ValueError("pass input_ids, inputs_embeds or encoder_embeds")
 
-        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        cache = past_key_values if isinstance(past_key_values, DecoderKVCache) else None
+        if cache is not None:
+            if not is_decoder:
+                raise ValueError("a DecoderKVCache is for the causal decoder (is_decoder=True)")
+            if cache.batch_size != batch_size:
+                raise ValueError(f"the cache holds {cache.batch_size} rows but the input has {batch_size}")
+            past_len = cache.length
+            use_cache = True
+        else:
+            past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones((batch_size, seq_length + past_len), dtype=torch.bool, device=device)
-        key_padding_mask = _keep_mask(attention_mask, "attention_mask")
-        if key_padding_mask.shape != (batch_size, seq_length + past_len):
-            raise ValueError(f"attention_mask has shape {tuple(key_padding_mask.shape)}, expected "
-                             f"{(batch_size, seq_length + past_len)} (batch, past + current length)")
+            # a cache attends over its own positions: no all-ones mask to build
+            key_padding_mask = None if cache is not None else torch.ones(
+                (batch_size, seq_length + past_len), dtype=torch.bool, device=device)
+        else:
+            key_padding_mask = _keep_mask(attention_mask, "attention_mask")
+            if key_padding_mask.shape != (batch_size, seq_length + past_len):
+                raise ValueError(f"attention_mask has shape {tuple(key_padding_mask.shape)}, expected "
+                                 f"{(batch_size, seq_length + past_len)} (batch, past + current length)")
 
+        if encoder_kv is not None and (mode != "multimodal" or isinstance(encoder_hidden_states, (list, tuple))):
+            raise ValueError("encoder_kv is for mode='multimodal' with a single image batch")
         encoder_keep = None
-        if encoder_hidden_states is not None and mode == "multimodal":
+        if (encoder_hidden_states is not None or encoder_kv is not None) and mode == "multimodal":
             if isinstance(encoder_hidden_states, (list, tuple)):
                 masks = encoder_attention_mask if encoder_attention_mask is not None else [None] * len(encoder_hidden_states)
                 encoder_keep = [_keep_mask(m, "encoder_attention_mask") for m in masks]
@@ -516,6 +642,10 @@ class BertModel(BackendSelectable, nn.Module):
                 encoder_keep = _keep_mask(encoder_attention_mask, "encoder_attention_mask")
 
         with self.backend_context():
+            if cache is not None:
+                cache.begin(seq_length)
+                if position_ids is None:
+                    position_ids = cache.position_ids(seq_length)
             if encoder_embeds is None:
                 embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids,
                                                    inputs_embeds=inputs_embeds, past_key_values_length=past_len)
@@ -525,7 +655,9 @@ class BertModel(BackendSelectable, nn.Module):
                 embedding_output, attention_mask=key_padding_mask, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_keep, past_key_values=past_key_values, use_cache=use_cache,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=True, mode=mode, causal=is_decoder)
+                return_dict=True, mode=mode, causal=is_decoder, encoder_kv=encoder_kv)
+            if cache is not None:
+                cache.end(seq_length)
             sequence_output = encoder_outputs.last_hidden_state
             pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         if not return_dict:
@@ -543,7 +675,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.hidden_act = config.hidden_act
-        self.transform_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.transform_act_fn = _activation(config.hidden_act)
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -582,7 +714,10 @@ class BertLMHeadModel(BackendSelectable, nn.Module):
     cross-entropy of each position's prediction of the next token, computed by
     ``ops.linear_cross_entropy`` (fast backends never build the ``B x L x vocab`` float32 logits).
     ``reduction='none'`` returns the per-sequence sum ``(B,)``. When ``labels`` are given, the
-    logits are only materialised if ``output_logits=True``.
+    logits are only materialised if ``output_logits=True``; ``logits_to_keep=n`` computes them for
+    the last ``n`` positions only (generation needs the last one). ``encoder_kv`` and a
+    :class:`~blip_fast.models.kv_cache.DecoderKVCache` as ``past_key_values``: see
+    :meth:`BertModel.forward`.
     """
 
     label_smoothing = 0.1
@@ -633,7 +768,7 @@ class BertLMHeadModel(BackendSelectable, nn.Module):
         encoder_hidden_states: Optional[ImageStates] = None,
         encoder_attention_mask: Optional[Any] = None,
         labels: Optional[Tensor] = None,
-        past_key_values: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+        past_key_values: Optional[PastKeyValues] = None,
         use_cache: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
@@ -643,8 +778,10 @@ class BertLMHeadModel(BackendSelectable, nn.Module):
         reduction: str = "mean",
         mode: str = "multimodal",
         output_logits: bool = False,
+        encoder_kv: Optional[EncoderKV] = None,
+        logits_to_keep: int = 0,
     ):
-        if labels is not None:
+        if labels is not None and not isinstance(past_key_values, DecoderKVCache):
             use_cache = False
         with self.backend_context():
             outputs = self.bert(
@@ -652,7 +789,7 @@ class BertLMHeadModel(BackendSelectable, nn.Module):
                 inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values, use_cache=use_cache,
                 output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
-                is_decoder=is_decoder, mode=mode)
+                is_decoder=is_decoder, mode=mode, encoder_kv=encoder_kv)
             sequence_output = outputs.last_hidden_state
             pred = self.cls.predictions
             if return_logits:
@@ -666,7 +803,7 @@ class BertLMHeadModel(BackendSelectable, nn.Module):
                 if reduction == "none":
                     lm_loss = lm_loss.view(labels.shape[0], -1).sum(1)
             if labels is None or output_logits:
-                logits = pred(sequence_output)
+                logits = pred(sequence_output[:, -logits_to_keep:] if logits_to_keep else sequence_output)
         if return_dict is False:
             return tuple(v for v in (lm_loss, logits, outputs.past_key_values) if v is not None)
         return CausalLMOutputWithCrossAttentions(

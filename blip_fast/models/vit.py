@@ -185,6 +185,7 @@ class VisionTransformer(BackendSelectable, nn.Module):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer: Optional[Callable] = None, use_grad_checkpointing: bool = False, ckpt_layer: int = 0):
         super().__init__()
+        ops.load_backends()  # no first-use imports inside code traced by torch.compile
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         if img_size % patch_size != 0:

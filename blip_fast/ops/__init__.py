@@ -26,6 +26,7 @@ from ._dispatch import (
     dispatch,
     get_backend,
     known_backends,
+    load_backends,
     register_backend,
     register_lazy_backend,
     resolve,
@@ -40,7 +41,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "attention", "layer_norm", "bias_gelu", "linear_gelu", "linear_cross_entropy", "momentum_update",
-    "use_backend", "set_backend", "get_backend", "available_backends", "known_backends", "resolve",
+    "use_backend", "set_backend", "get_backend", "available_backends", "known_backends", "load_backends", "resolve",
     "register_backend", "register_lazy_backend", "Backend", "BackendUnavailableError",
     "AUTO", "AUTO_ORDER", "ENV_VAR",
 ]

@@ -84,9 +84,9 @@ _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar
 )
 _process_default: Optional[str] = None
 _logged_fallbacks: set = set()
-# torch.compile cannot trace ContextVar calls: while it traces, use_backend keeps its selection
-# on this stack (a plain list, which it traces), and the context entered outside the compiled
-# region is read once per trace (see _context_at_trace).
+# torch.compile cannot trace ContextVar calls: use_backend also keeps its selection on this stack
+# (a plain list, which dynamo traces and guards on, so another selection recompiles); with the
+# stack empty, the context entered outside the compiled region is read once per trace.
 _traced_stack: List[str] = []
 
 
@@ -133,6 +133,13 @@ def get_backend_object(name: str) -> Backend:
             f"unknown backend {name!r}; known backends: {sorted(known_backends())} or {AUTO!r}"
         )
     return _REGISTRY[name]
+
+
+def load_backends() -> None:
+    """Build every lazily registered backend now (models call this when constructed, so that
+    code traced by ``torch.compile`` never meets a first-use import)."""
+    for name in list(_LAZY_LOADERS):
+        get_backend_object(name)
 
 
 def known_backends() -> List[str]:
@@ -190,9 +197,11 @@ def use_backend(name: Optional[str]) -> Iterator[str]:
             _traced_stack.pop()
         return
     token = _context_backend.set(_validate(name))
+    _traced_stack.append(name)
     try:
         yield name
     finally:
+        _traced_stack.pop()
         _context_backend.reset(token)
 
 
@@ -216,7 +225,7 @@ def resolve(op: str, *args: Any, **kwargs: Any) -> Tuple[str, Callable[..., Any]
         backend = get_backend_object(name)
         reason = backend.why_not_auto(op, *args, **kwargs)
         if reason is None:
-            if reasons:
+            if reasons and not _compiling():
                 key = (op, name, tuple(reasons))
                 if key not in _logged_fallbacks:
                     _logged_fallbacks.add(key)

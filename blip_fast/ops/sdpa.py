@@ -1,11 +1,13 @@
-"""The ``sdpa`` backend: attention through ``torch.nn.functional.scaled_dot_product_attention``.
+"""The ``sdpa`` backend: PyTorch's own fused kernels.
 
-PyTorch picks its own kernel underneath (flash, cuDNN, memory-efficient or math) from the
-inputs. Only attention lives here; the other ops fall through to the next backend under ``auto``.
+Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks flash,
+cuDNN, memory-efficient or math underneath); the momentum update is two multi-tensor
+(``torch._foreach_*``) launches per device and dtype instead of three kernels per parameter.
+The other ops fall through to the next backend under ``auto``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,27 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, *args, need_weights: bool 
     return None
 
 
+def momentum_update(params_m: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
+    """``p_m = momentum * p_m + (1 - momentum) * p`` with multi-tensor kernels (in place)."""
+    params_m = list(params_m)
+    with torch.no_grad():
+        torch._foreach_mul_(params_m, momentum)
+        torch._foreach_add_(params_m, [p.detach() for p in params], alpha=1.0 - momentum)
+
+
+def _check_momentum_update(params_m: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> Optional[str]:
+    if len(params_m) != len(params):
+        return f"{len(params_m)} momentum parameters but {len(params)} online ones"
+    for p_m, p in zip(params_m, params):
+        if p_m.shape != p.shape or p_m.dtype != p.dtype or p_m.device != p.device:
+            return (f"momentum/online parameter mismatch: {tuple(p_m.shape)} {p_m.dtype} {p_m.device} vs "
+                    f"{tuple(p.shape)} {p.dtype} {p.device}")
+        if type(p_m.data) is not torch.Tensor or type(p.data) is not torch.Tensor:
+            return "tensor subclasses (e.g. sharded DTensor parameters) take the per-tensor path"
+    return None
+
+
 BACKEND = register_backend(
-    Backend("sdpa", ops={"attention": attention}, checks={"attention": _check_attention})
+    Backend("sdpa", ops={"attention": attention, "momentum_update": momentum_update},
+            checks={"attention": _check_attention, "momentum_update": _check_momentum_update})
 )

@@ -1,0 +1,143 @@
+"""Throughput of the whole pretraining job next to the bare training step, on one GPU.
+
+Runs ``blip-fast pretrain``'s job (data loader workers rendering the synthetic dataset, uint8
+images pinned and copied asynchronously, captions tokenised in the workers, normalisation on the
+GPU, AdamW, the per-step loss/finiteness check and logging) with BLIP's base config (ViT-B/16 at
+224, queue 57600) for ``--steps`` steps, then times the same model's bare step (forward, backward,
+AdamW on one batch already on the GPU, as the benchmark suite's ``pretrain`` workload) and the data
+loader alone. The job should reach the bare step's throughput (the gap is what the job adds).
+
+    PYTHONPATH=. python -m benchmarks.pretrain_job --out $OUT/pretrain_job
+
+Writes ``result.json`` and the job's ``log.jsonl`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def job_throughput(log_path: str, warmup: int, global_batch: int) -> Dict[str, float]:
+    from blip_fast.train.reporting import read_jsonl
+    steps = [r for r in read_jsonl(log_path) if r.get("kind") == "step"]
+    timed = [r for r in steps if r["step"] > warmup]
+    if len(timed) < 2:
+        raise RuntimeError(f"only {len(timed)} steps after warm-up: raise --steps")
+    seconds = timed[-1]["time"] - steps[warmup - 1]["time"]
+    per_step = [r["samples_per_s"] for r in timed]
+    return {"samples_per_s": len(timed) * global_batch / seconds, "steps_timed": len(timed),
+            "median_step_samples_per_s": statistics.median(per_step), "seconds": seconds}
+
+
+def bare_step_throughput(job: Any, steps: int, warmup: int) -> Dict[str, float]:
+    """The suite's step on the job's model and optimiser: one batch resident on the device."""
+    from blip_fast.data import normalize_images
+    device = job.device
+    batch = next(iter(job.data.loader(0, 0)))
+    images = normalize_images(batch.images.to(device))
+    text = batch.text.to(device)
+    model, optimizer = job.ddp_model, job.optimizer
+    times: List[float] = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        with job._autocast():
+            loss_ita, loss_itm, loss_lm = model(images, text, 0.4)
+            loss = loss_ita + loss_itm + loss_lm
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    b = images.shape[0]
+    return {"samples_per_s": b * len(times) / sum(times), "median_samples_per_s": b / statistics.median(times),
+            "median_ms": 1000 * statistics.median(times), "steps_timed": len(times)}
+
+
+def loader_throughput(job: Any, batches: int) -> Dict[str, float]:
+    """The data loader alone (workers rendering, tokenising, pinning), batches copied to the device."""
+    loader = iter(job.data.loader(1, 0))
+    next(loader)  # worker start-up
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        batch = next(loader)
+        batch.images.to(job.device, non_blocking=True)
+        n += len(batch)
+    _sync(job.device)
+    return {"samples_per_s": n / (time.perf_counter() - start), "batches": batches}
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrain_job", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out") + "/pretrain_job")
+    p.add_argument("--config", default="pretrain")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20, help="job steps left out of the throughput")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--amp", default="bf16", choices=["bf16", "none"])
+    p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--bare-steps", type=int, default=20)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    from blip_fast.train.config import load_config
+    from blip_fast.train.job import PretrainJob
+    from blip_fast.train.runtime import init_runtime, shutdown
+
+    os.makedirs(args.out, exist_ok=True)
+    overrides = [f"batch_size={args.batch_size}", f"amp={args.amp}", "dataset=synthetic",
+                 f"synthetic.train_size={args.batch_size * (args.steps + 10)}", "synthetic.max_objects=2",
+                 f"max_steps={args.steps}", "max_epoch=1", "warmup_steps=3000", "checkpoint_every=0",
+                 "save_epoch_checkpoints=false", "eval_every_epochs=0", f"num_workers={args.workers}",
+                 "log_every=1", "plot=false", "progress_bar=off", "print_every=10"] + list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    scratch = tempfile.mkdtemp(prefix="blip_fast_job_")  # the final checkpoint (GBs) stays off $OUT
+    rt = init_runtime(args.device)
+    try:
+        job = PretrainJob(cfg, scratch, rt)
+        print(f"job: {args.steps} steps, batch {args.batch_size}, amp {args.amp}, {args.workers} workers", flush=True)
+        job.run()
+        shutil.copy(os.path.join(scratch, "log.jsonl"), os.path.join(args.out, "log.jsonl"))
+        result: Dict[str, Any] = {
+            "job": job_throughput(os.path.join(scratch, "log.jsonl"), args.warmup, job.global_batch)}
+        print(f"job:        {result['job']['samples_per_s']:.1f} img/s over steps {args.warmup + 1}-{args.steps}",
+              flush=True)
+        result["bare_step"] = bare_step_throughput(job, args.bare_steps, 3)
+        print(f"bare step:  {result['bare_step']['samples_per_s']:.1f} img/s "
+              f"(median {result['bare_step']['median_ms']:.1f} ms)", flush=True)
+        result["loader_only"] = loader_throughput(job, 30)
+        print(f"loader:     {result['loader_only']['samples_per_s']:.1f} img/s", flush=True)
+        result["job_vs_bare"] = result["job"]["samples_per_s"] / result["bare_step"]["samples_per_s"]
+        print(f"job / bare step: {result['job_vs_bare']:.3f}", flush=True)
+        result.update(config=args.config, overrides=overrides, device=str(rt.device),
+                      gpu=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor(),
+                      torch=torch.__version__, cpus=os.cpu_count(), backend=cfg.backend,
+                      date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    finally:
+        shutdown(rt)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
