@@ -30,8 +30,16 @@ Backward
 Dropout
     The keep mask of score ``(b, h, i, j)`` is ``rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p``
     (Philox, :func:`common.dropout_keep`), regenerated in the backward instead of stored. The seed
-    is drawn from torch's CPU generator, so ``torch.manual_seed`` makes runs reproducible;
+    is a one-element int64 tensor drawn by torch's generator of the inputs' device and read by the
+    kernels from memory: ``torch.manual_seed`` makes runs reproducible, a replayed CUDA graph
+    draws a fresh seed each time, and activation checkpointing recomputes with the same one.
     :func:`dropout_keep_mask` returns the mask of a seed for tests and debugging.
+
+Launches
+    Each call looks up a launch plan (blocks, grid, constexprs) by a small key of what the kernel
+    specialises on, and launches the compiled kernel directly (:class:`common.KernelLauncher`).
+    Under ``torch.compile`` the public function calls the ``blip_fast::attention_fwd`` /
+    ``attention_bwd`` custom ops instead of the autograd.Function.
 
 Layouts
     Inputs are read through their strides (any layout, e.g. q/k/v slices of a fused qkv

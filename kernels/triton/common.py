@@ -1,9 +1,10 @@
-"""Helpers shared by the Triton kernels: launch-size helpers, dropout seeds and the RNG mask.
+"""Helpers shared by the Triton kernels: direct launches from cached plans, dropout seeds and
+the RNG mask, output allocation, parameter-gradient reductions, tiling helpers.
 
 Dropout in the kernels is counter-based (Philox through ``tl.rand``): the keep mask of element
 ``i`` is a pure function of ``(seed, i)``, so the backward pass regenerates it instead of
 storing it, and recomputation under activation checkpointing gives the same mask as long as the
-same seed is passed.
+same seed is passed. The seed is a device tensor (:func:`draw_seed`), so CUDA graphs stay valid.
 """
 from __future__ import annotations
 
