@@ -242,7 +242,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, blip_tokenizer):
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     out_dir = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "blip_fast.cli", "pretrain", "--config", str(path), "--output-dir", out_dir, "--device", "cpu"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
