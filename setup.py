@@ -41,6 +41,9 @@ setup(
         "blip_fast._kernels",
         "blip_fast._kernels.triton",
         "blip_fast._benchmarks",
+        "blip_fast.data",
+        "blip_fast.train",
+        "blip_fast.evaluation",
     ],
     package_dir={"blip_fast._kernels": "kernels", "blip_fast._benchmarks": "benchmarks"},
     package_data={"blip_fast.configs": ["*.json", "*.yaml"]},
@@ -50,6 +53,7 @@ setup(
         "numpy",
         "pyyaml",
         "safetensors",
+        "pillow",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,7 +1,7 @@
 """A built-in image-caption dataset: rendered shapes described by their captions.
 
 Each scene holds one or more objects, each with a colour, a shape, a size and a position on a 3x3
-grid, drawn on a noisy grey background; the caption names them all ("a large red circle at the top
+grid, drawn on a plain grey background with a little noise; the caption names them all ("a large red circle at the top
 left and a small blue cross in the center"). A scene's content is a function of
 ``(seed, index)``; its rendering (exact position, size and shade, background, noise, caption
 template) also depends on the epoch, so every epoch sees fresh pixels of the same scenes. No file is
@@ -26,7 +26,7 @@ COLORS = {
     "purple": (135, 55, 185), "orange": (240, 135, 25), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-SIZES = {"small": (0.055, 0.08), "large": (0.11, 0.15)}  # half-extent as a fraction of the image side
+SIZES = {"small": (0.09, 0.12), "large": (0.16, 0.20)}  # half-extent as a fraction of the image side
 POSITIONS = (("top left", "at the top left"), ("top", "at the top"), ("top right", "at the top right"),
              ("left", "on the left"), ("center", "in the center"), ("right", "on the right"),
              ("bottom left", "at the bottom left"), ("bottom", "at the bottom"),
@@ -75,10 +75,8 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 
 def render(objects: Sequence[ShapeObject], size: int, rng: np.random.Generator) -> np.ndarray:
     """The scene as an ``(size, size, 3)`` uint8 array, with fresh jitter from ``rng``."""
-    base = rng.integers(90, 170) + rng.integers(-20, 21, size=3)
-    img = np.empty((size, size, 3), dtype=np.int16)
-    img[:] = base
-    img += rng.integers(-10, 11, size=(size, size, 3), dtype=np.int16)
+    img = np.full((size, size, 3), 128 + int(rng.integers(-8, 9)), dtype=np.int16)
+    img += rng.integers(-6, 7, size=(size, size, 3), dtype=np.int16)
     cell = size / 3.0
     for obj in objects:
         lo, hi = SIZES[obj.size]

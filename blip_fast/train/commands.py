@@ -36,6 +36,7 @@ def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("blip_fast").setLevel(level)
+    logging.getLogger("blip_fast.ops").setLevel(logging.WARNING)  # backend choices: see `blip-fast bench`
 
 
 def _key_overrides(rest: Sequence[str], prog: str) -> List[str]:
@@ -207,8 +208,8 @@ def eval_main(argv: Optional[Sequence[str]] = None, prog: str = "blip-fast eval"
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     image_root = cfg.image_root if args.image_root is None else args.image_root
-    if args.ann_file:
-        rset = retrieval_set_from_json(args.ann_file, image_root, cfg.image_size, cfg.max_words)
+    if args.ann_file or (cfg.eval_file and not args.synthetic):
+        rset = retrieval_set_from_json(args.ann_file or cfg.eval_file, image_root, cfg.image_size, cfg.max_words)
     elif args.synthetic or (cfg.dataset == "synthetic" and not from_blip):
         n = args.synthetic or int(cfg.synthetic.get("eval_size", 200))
         rset = retrieval_set_synthetic(n, cfg.image_size, cfg.seed, int(cfg.synthetic.get("max_objects", 2)))

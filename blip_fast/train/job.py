@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..data import normalize_images
 from ..evaluation.retrieval import evaluate_retrieval, format_metrics
+from ..models.blip import load_checkpoint
 from ..models.blip_pretrain import BLIP_Pretrain, blip_pretrain
 from ..tokenizer import init_tokenizer
 from . import checkpointing as ckpt_io
@@ -134,7 +135,13 @@ class PretrainJob:
 
         seed_everything(cfg.seed)  # the same initial weights on every rank
         self.tokenizer = init_tokenizer()
-        self.model = build_model(cfg, self.tokenizer, load_pretrained=state is None).to(self.device)
+        with torch.device(self.device):  # initialise on the device (fast for ViT-B/L on a GPU)
+            self.model = build_model(cfg, self.tokenizer, load_pretrained=False)
+        self.model.to(self.device)
+        if state is None and cfg.pretrained:
+            _, report = load_checkpoint(self.model, cfg.pretrained)
+            if rt.is_main:
+                logger.info("initial weights from %s\n%s", cfg.pretrained, report)
         self.model.train()
         _sample_negatives_from_finite_similarities(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -383,7 +390,8 @@ class PretrainJob:
                             progress.write(f"stopped by a signal at step {self.global_step}; checkpoint "
                                            f"{self.last_checkpoint} (continue with --resume)")
                         break
-                    if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and nonfinite_streak == 0:
+                    if (cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and nonfinite_streak == 0
+                            and self.batch_in_epoch < steps_per_epoch):  # an epoch's end checkpoints below
                         self.save_checkpoint()
                     result.last_losses = {k: out[k] for k in ("loss_ita", "loss_itm", "loss_lm", "loss")}
                     if self._fault_sleep:
