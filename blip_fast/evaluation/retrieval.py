@@ -300,9 +300,9 @@ def evaluate_retrieval(model: Any, rset: RetrievalSet, device: torch.device, k_t
     return metrics
 
 
-def format_metrics(m: Dict[str, Any]) -> str:
-    """One line: R@1/5/10 both ways (ITM re-ranked when present, else ITC) and chance."""
-    prefix = "" if "txt_r1" in m else "itc_"
+def format_metrics(m: Dict[str, Any], itc_only: bool = False) -> str:
+    """One line: R@1/5/10 both ways (ITM re-ranked when present, unless ``itc_only``) and chance."""
+    prefix = "itc_" if itc_only or "txt_r1" not in m else ""
     head = "ITC+ITM" if prefix == "" else "ITC"
     return (f"{head} image->text R@1/5/10 {m[prefix + 'txt_r1']:.1f}/{m[prefix + 'txt_r5']:.1f}/"
             f"{m[prefix + 'txt_r10']:.1f}  text->image {m[prefix + 'img_r1']:.1f}/{m[prefix + 'img_r5']:.1f}/"

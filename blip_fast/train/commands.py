@@ -177,8 +177,12 @@ def build_eval_model(checkpoint: str, cfg: PretrainConfig, from_blip: bool):
     model = BLIP_ITM(med_config=med, image_size=cfg.image_size, vit=cfg.vit, embed_dim=cfg.embed_dim)
     if cfg.backend and cfg.backend != "auto":
         model.set_backend(cfg.backend)
+    logging.getLogger("blip_fast.checkpoint").setLevel(logging.WARNING)  # the report is summarised below
     model, report = load_checkpoint(model, checkpoint)
     require_complete(report, "retrieval evaluation")
+    if report.unexpected_keys:
+        print(f"loaded {checkpoint}; {len(report.unexpected_keys)} of its tensors are not part of the retrieval "
+              f"modules (momentum encoders, queues, decoder, ...) and were left out", flush=True)
     return model
 
 
@@ -228,8 +232,7 @@ def eval_main(argv: Optional[Sequence[str]] = None, prog: str = "blip-fast eval"
         metrics = {"checkpoint": args.checkpoint, "data": rset.name, **metrics}
         print(format_metrics(metrics))
         if "txt_r1" in metrics:
-            print("ITC only:       " + format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith("itc_")}
-                                                     | {k: metrics[k] for k in ("chance_r1", "num_images", "num_texts")}))
+            print(format_metrics(metrics, itc_only=True))
         print(json.dumps(metrics, indent=1))
         if args.output:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
