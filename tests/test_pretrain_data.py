@@ -262,3 +262,18 @@ def test_sampler_shards_disjointly_across_ranks():
     assert sorted(i for b in batches for i in b) == list(range(60))
     with pytest.raises(ValueError, match="no full batch"):
         EpochBatchSampler(5, 4, seed=0, world_size=2)
+
+
+def test_laion_path_adds_one_file_per_epoch(json_data, tmp_path):
+    ann_file, root = json_data
+    laion = tmp_path / "laion"
+    laion.mkdir()
+    for k in range(2):
+        (laion / f"part{k}.json").write_text(json.dumps([{"image": "img/0.png", "caption": f"laion {k} {i}"}
+                                                         for i in range(k + 1)]))
+    src = JsonImageText([ann_file], image_root=root, laion_path=str(laion))
+    assert len(src) == 6 + 1 and src.annotation[-1]["caption"] == "laion 0 0"
+    src.set_epoch(1)
+    assert len(src) == 6 + 2 and src.annotation[-1]["caption"] == "laion 1 1"
+    src.set_epoch(2)
+    assert len(src) == 7

@@ -174,6 +174,48 @@ def test_too_many_nonfinite_steps_stop_with_the_last_checkpoint_intact(tmp_path,
                                    "--device", "cpu"]) == 3
 
 
+def test_json_data_run_counts_unreadable_samples_in_bf16(tmp_path, blip_tokenizer):
+    from PIL import Image
+    for i, color in enumerate(["red", "green", "blue", "white", "black", "yellow", "purple"]):
+        Image.new("RGB", (48, 40), color).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    ann = [{"image": f"{i}.png", "caption": f"a {c} picture"} for i, c in enumerate(
+        ["red", "green", "blue", "white", "black", "yellow", "purple"])]
+    ann += [{"image": "bad.jpg", "caption": "corrupt"}, {"image": "gone.png", "caption": "missing"}]
+    (tmp_path / "train.json").write_text(json.dumps(ann))
+    cfg = micro_config(dataset="json", train_file=[str(tmp_path / "train.json")], image_root=str(tmp_path),
+                       max_epoch=2, eval_file=str(tmp_path / "train.json"), amp="bf16", checkpoint_every=0)
+    result = run_pretrain(cfg, str(tmp_path / "run"), device="cpu")
+    assert result.global_step == 4  # 9 annotations, batch 4: 2 steps per epoch
+    records = read_jsonl(os.path.join(str(tmp_path / "run"), "log.jsonl"))
+    steps = [r for r in records if r["kind"] == "step"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    seen = steps[-1]["skipped_samples"]
+    assert set(seen) <= {"corrupt image", "missing image"} and sum(seen.values()) >= 1
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["skipped_images"] == 2 and evals[-1]["num_images"] == 7  # the corrupt and the missing one
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path, blip_tokenizer):
+    cfg = micro_config(max_steps=50, max_epoch=20, checkpoint_every=0, eval_every_epochs=0,
+                       fault_injection={"step_sleep": 0.2})
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    out_dir = str(tmp_path / "term")
+    proc = subprocess.Popen(_cli("pretrain", "--config", str(path), "--output-dir", out_dir, "--device", "cpu"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reached = _wait_for_step(os.path.join(out_dir, "log.jsonl"), 3, proc, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    state = torch.load(os.path.join(out_dir, "checkpoint_last.pth"), weights_only=True)
+    assert reached <= state["position"]["global_step"] < 50 and "continue with --resume" in out
+
+
 def _wait_for_step(log_path, step, proc, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:
