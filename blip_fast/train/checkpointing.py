@@ -69,7 +69,11 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
 
 
 def read_job_checkpoint(path: str) -> Dict[str, Any]:
-    ckpt = read_checkpoint(path)
+    """A job checkpoint, memory-mapped (tensors are read as they are copied into the model)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: let the general reader explain
+        ckpt = read_checkpoint(path)
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a blip_fast pretraining checkpoint (format {ckpt.get('format')!r}); "
                          f"to start from a BLIP checkpoint's weights use pretrained={path} instead of --resume")

@@ -45,6 +45,12 @@ logger = logging.getLogger("blip_fast.train")
 Tensor = torch.Tensor
 
 
+#: Config keys that decide the data order, augmentation or schedule of a resumed run.
+_EXACT_RESUME_KEYS = ("seed", "batch_size", "dataset", "train_file", "train_shards", "laion_path", "synthetic",
+                      "image_size", "min_scale", "randaugment", "max_words", "init_lr", "min_lr", "warmup_lr",
+                      "lr_decay_rate", "warmup_steps", "alpha", "alpha_ramp_epochs", "amp")
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with non-finite losses or gradients."""
 
@@ -181,6 +187,11 @@ class PretrainJob:
         self.skip_counts = Counter(stats.get("skipped_samples", {}))
         self.nonfinite_total = int(stats.get("nonfinite_steps", 0))
         self.evals = list(stats.get("evals", []))
+        saved_cfg = state.get("config") or {}
+        changed = [k for k in _EXACT_RESUME_KEYS if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        if changed and self.rt.is_main:
+            logger.warning("resuming with %s changed from the checkpoint's config: the run continues, but not "
+                           "as the original run would have", ", ".join(changed))
         rngs = state["rng"]
         if state.get("world_size") == self.rt.world_size:
             set_rng_state(rngs[self.rt.rank])
