@@ -2,7 +2,6 @@
 of unusable samples, worker-side tokenisation and the resumable sampler."""
 import io
 import json
-import math
 import tarfile
 
 import numpy as np

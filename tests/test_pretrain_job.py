@@ -16,7 +16,7 @@ from blip_fast.train import commands
 from blip_fast.train.config import PretrainConfig, apply_overrides, load_config
 from blip_fast.train.job import NonFiniteLossError, run_pretrain
 from blip_fast.train.reporting import read_jsonl
-from blip_fast.train.schedule import alpha_at, build_optimizer, lr_at, set_lr
+from blip_fast.train.schedule import alpha_at, build_optimizer, lr_at
 
 from conftest import TINY_MED
 
@@ -237,7 +237,7 @@ def test_killed_run_resumes_exactly(tmp_path, blip_tokenizer):
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     killed_cfg = tmp_path / "micro_slow.yaml"
-    killed_cfg.write_text(yaml.safe_dump(dict(cfg.to_dict(), fault_injection={"step_sleep": 0.3})))
+    killed_cfg.write_text(yaml.safe_dump(dict(cfg.to_dict(), fault_injection={"step_sleep": 0.5})))
     ref_dir, run_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
     args = ["--device", "cpu"]
     reference = subprocess.Popen(_cli("pretrain", "--config", str(path), "--output-dir", ref_dir, *args),

@@ -1,7 +1,6 @@
 """Retrieval evaluation: recall@K on known answers, ITC ranking + ITM re-ranking against a per-query
 loop written like BLIP's evaluation(), and ``blip-fast eval`` on a tiny checkpoint."""
 import json
-import os
 
 import numpy as np
 import pytest

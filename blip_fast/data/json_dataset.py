@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .base import ImageTextSource, SampleError, choose_caption, open_image
+from .base import ImageTextSource, choose_caption, open_image
 
 logger = logging.getLogger("blip_fast.data")
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import PretrainConfig, apply_overrides, load_config, read_yaml, resolve_config_path
+from .config import PretrainConfig, apply_overrides, read_yaml, resolve_config_path
 
 DEFAULT_CONFIG = "pretrain_tiny"
 

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import yaml
 
@@ -147,9 +147,11 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
                 return bool(value)
             raise ValueError
         if isinstance(default, int):
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
                 return int(value)
-            return int(value) if not isinstance(value, float) else _bad()
+            return int(value)
         if isinstance(default, float):
             return float(value)
         if isinstance(default, list):
@@ -177,10 +179,6 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
     except (TypeError, ValueError):
         pass
     raise ValueError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}")
-
-
-def _bad():
-    raise ValueError
 
 
 def resolve_config_path(name: str) -> str:

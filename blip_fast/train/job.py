@@ -37,7 +37,7 @@ from .config import PretrainConfig, dump_config
 from .pipeline import TrainData, build_eval_set
 from .reporting import LOG_FILE, PLOT_FILE, JsonlLog, Progress, plot_losses
 from .runtime import (Runtime, barrier, gather_objects, init_runtime, rng_state, seed_everything, set_rng_state,
-                      shutdown, unwrap, wrap_for_distributed)
+                      shutdown, wrap_for_distributed)
 from .schedule import alpha_at, build_optimizer, lr_at, set_lr
 
 logger = logging.getLogger("blip_fast.train")

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("blip_fast.train")
 
