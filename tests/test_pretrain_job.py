@@ -296,3 +296,17 @@ def test_torchrun_two_processes_on_cpu(tmp_path, blip_tokenizer):
     assert state["position"]["global_step"] == 3 and int(state["model"]["queue_ptr"]) == (3 * 2 * 4) % 16
     steps = [r for r in read_jsonl(os.path.join(out_dir, "log.jsonl")) if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3]
+
+
+@pytest.mark.gpu
+def test_gpu_run_in_bf16_resumes_from_its_checkpoint(tmp_path, blip_tokenizer):
+    out = str(tmp_path / "gpu")
+    cfg = micro_config(max_steps=6, amp="bf16", num_workers=2, backend="auto", checkpoint_every=3)
+    result = run_pretrain(cfg, out, device="cuda")
+    steps = [r for r in read_jsonl(os.path.join(out, "log.jsonl")) if r["kind"] == "step"]
+    assert result.global_step == 6 and not any(r["skipped"] for r in steps)
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert "cuda" in state["rng"][0] and state["position"]["global_step"] == 6
+    more = run_pretrain(micro_config(max_steps=8, amp="bf16", num_workers=2, backend="auto"), out, device="cuda",
+                        resume="last")
+    assert more.global_step == 8
