@@ -55,10 +55,6 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with non-finite losses or gradients."""
 
 
-class StopRequested(Exception):
-    """A signal asked the job to stop (after checkpointing)."""
-
-
 @dataclass
 class JobResult:
     output_dir: str
