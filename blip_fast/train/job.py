@@ -135,7 +135,7 @@ class PretrainJob:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        seed_everything(cfg.seed)  # the same initial weights on every rank
+        seed_everything(cfg.seed, per_rank=False)  # the same initial weights on every rank
         self.tokenizer = init_tokenizer()
         with torch.device(self.device):  # initialise on the device (fast for ViT-B/L on a GPU)
             self.model = build_model(cfg, self.tokenizer, load_pretrained=False)
@@ -164,7 +164,7 @@ class PretrainJob:
             self._load_state(state, resume_path)
         self.ddp_model = wrap_for_distributed(self.model, rt)
         if state is None:
-            seed_everything(cfg.seed + rt.rank)  # per-rank streams for dropout and negatives (original)
+            seed_everything(cfg.seed, per_rank=True)  # seed + rank: per-rank dropout and negatives (original)
         self._stop_requested = False
         self._fault_nan = {int(s) for s in cfg.fault_injection.get("nan_steps", [])}
         self._fault_sleep = float(cfg.fault_injection.get("step_sleep", 0.0))
@@ -197,7 +197,7 @@ class PretrainJob:
                            state.get("world_size"), self.rt.world_size)
             seen = self.batch_in_epoch * self.cfg.batch_size * int(state.get("world_size") or 1)
             self.batch_in_epoch = seen // self.global_batch
-            seed_everything(self.cfg.seed + self.rt.rank + 7919 * self.global_step)
+            seed_everything(self.cfg.seed + 7919 * self.global_step, per_rank=True)
         self.last_checkpoint, self.last_checkpoint_step = path, self.global_step
         if self.rt.is_main:
             logger.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch, self.batch_in_epoch,
