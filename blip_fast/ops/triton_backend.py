@@ -16,6 +16,7 @@ import os
 import torch
 
 from ._dispatch import Backend
+from .measured import faster_library_backend
 
 # op name -> kernel module (inside blip_fast._kernels.triton)
 _KERNEL_MODULES = {
@@ -176,6 +177,8 @@ def _auto_attention(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0,
         batch, heads, lq, d = q.shape
         work = 4 * batch * heads * lq * k.shape[2] * d
         reason = _below_crossover("attention", work, training, key_padding_mask is not None)
+    if reason is None:  # measured rows (blip_fast.ops.measured) where flash_attn / xformers win
+        reason = faster_library_backend("triton", q, k, v, key_padding_mask, causal, dropout_p, scale)
     return reason
 
 
