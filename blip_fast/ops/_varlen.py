@@ -265,7 +265,9 @@ def check_call(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tenso
 
 def host_sync_forbidden(key_padding_mask: Optional[Tensor]) -> Optional[str]:
     """Why a masked call cannot run now (CUDA-graph capture), else None."""
-    if key_padding_mask is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if key_padding_mask is None or torch.compiler.is_compiling():
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return ("a key padding mask becomes varlen sequence lengths on the host (a device "
                 "synchronisation), which CUDA-graph capture forbids")
     return None

@@ -25,7 +25,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -75,29 +75,44 @@ def _training(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def select_row(rows: List[Dict[str, Any]], device: str, dtype: str, batch: int, heads: int, lq: int, lk: int,
+               head_dim: int, padding: bool, causal: bool, training: bool) -> Optional[Dict[str, Any]]:
+    """Of ``rows``, the one that speaks for this call (see the module docstring), or None."""
+    work = 4.0 * batch * heads * lq * lk * head_dim
+    best, best_dist = None, math.log(MAX_WORK_RATIO) + 1e-9
+    for row in rows:
+        if (row.get("device") != device or row.get("dtype") != dtype or row.get("head_dim") != head_dim
+                or bool(row.get("padding")) != padding or bool(row.get("causal")) != causal
+                or bool(row.get("training")) != training or (row["lq"] == row["lk"]) != (lq == lk)):
+            continue
+        dist = abs(math.log(work / (4.0 * row["batch"] * row["heads"] * row["lq"] * row["lk"] * row["head_dim"])))
+        if dist <= best_dist:
+            best, best_dist = row, dist
+    return best
+
+
 def matching_row(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                  training: bool) -> Optional[Dict[str, Any]]:
-    """The measured row that speaks for this call, or None."""
+    """The measured row that speaks for this attention call, or None."""
     rows = timing_rows()
     if not rows or q.device.type != "cuda":
         return None
     batch, heads, lq, d = q.shape
-    lk = k.shape[2]
-    dtype = str(q.dtype).replace("torch.", "")
-    device = _device_name(q.device)
-    work = 4.0 * batch * heads * lq * lk * d
-    best, best_dist = None, math.log(MAX_WORK_RATIO) + 1e-9
-    for row in rows:
-        if (row.get("device") != device or row.get("dtype") != dtype or row.get("head_dim") != d
-                or bool(row.get("padding")) != (key_padding_mask is not None)
-                or bool(row.get("causal")) != bool(causal) or bool(row.get("training")) != training
-                or (row["lq"] == row["lk"]) != (lq == lk)):
-            continue
-        row_work = 4.0 * row["batch"] * row["heads"] * row["lq"] * row["lk"] * row["head_dim"]
-        dist = abs(math.log(work / row_work))
-        if dist <= best_dist:
-            best, best_dist = row, dist
-    return best
+    return select_row(rows, _device_name(q.device), str(q.dtype).replace("torch.", ""), batch, heads, lq,
+                      k.shape[2], d, key_padding_mask is not None, bool(causal), training)
+
+
+def slower_than(backend: str, row: Dict[str, Any], takes_call: Callable[[str], bool]) -> Optional[str]:
+    """Why ``backend`` is not the pick at ``row``: a backend that ``takes_call`` measured faster
+    by more than :data:`MARGIN`, or no time for ``backend``; None when it is the pick."""
+    ms = row["ms"]
+    mine = ms.get(backend)
+    if mine is None:
+        return f"{backend} was not measured at {_describe(row)}"
+    for other, t in sorted(ms.items(), key=lambda item: (item[1] is None, item[1])):
+        if other != backend and t is not None and t * (1.0 + MARGIN) < mine and takes_call(other):
+            return f"measured slower than {other!r} at {_describe(row)}: {mine:.4f} vs {t:.4f} ms"
+    return None
 
 
 def _why_not_auto(name: str, *args, **kwargs) -> Optional[str]:
@@ -117,50 +132,42 @@ def _describe(row: Dict[str, Any]) -> str:
             f"D={row['head_dim']}, {'forward+backward' if row.get('training') else 'forward'}, {row['device']})")
 
 
-def auto_attention_check(backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
-                         causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None) -> Optional[str]:
-    """None when ``auto`` should run this attention call on ``backend`` (a library backend), else why not."""
+def _excluded_now(backend: str) -> Optional[str]:
     if torch.compiler.is_compiling():
         return (f"torch.compile: {backend} runs outside the graph (a graph break), the triton and sdpa "
                 f"backends trace into it")
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return f"CUDA-graph capture: {backend} is measured eagerly only; auto leaves captured calls to the others"
+    return None
+
+
+def auto_attention_check(backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                         causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None) -> Optional[str]:
+    """None when ``auto`` should run this attention call on ``backend`` (a library backend), else why not."""
+    reason = _excluded_now(backend)
+    if reason is not None:
+        return reason
     row = matching_row(q, k, key_padding_mask, causal, _training(q, k, v))
     if row is None:
         return (f"no measurement of this kind of call on this GPU says {backend} is the fastest (auto "
                 f"takes it only where one does: blip_fast.ops.measured); select it with "
                 f"blip_fast.use_backend({backend!r})")
-    ms = row["ms"]
-    mine = ms.get(backend)
-    if mine is None:
-        return f"{backend} was not measured at {_describe(row)}"
-    args = (q, k, v)
     kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
-    for other, t in sorted(ms.items(), key=lambda item: item[1]):
-        if other == backend or t is None or t >= mine / (1.0 - MARGIN):
-            continue
-        if _why_not_auto(other, *args, **kwargs) is None:
-            return f"measured slower than {other!r} at {_describe(row)}: {mine:.4f} vs {t:.4f} ms"
-    return None
+    return slower_than(backend, row, lambda other: _why_not_auto(other, q, k, v, **kwargs) is None)
 
 
 def faster_library_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
                            causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None) -> Optional[str]:
     """For a backend before the library ones in ``AUTO_ORDER`` (triton): the reason to leave this
     call to a library backend measured faster at it and able to run it, else None."""
-    if not timing_rows() or torch.compiler.is_compiling() or (
-            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not timing_rows() or _excluded_now(backend) is not None:
         return None
     row = matching_row(q, k, key_padding_mask, causal, _training(q, k, v))
     if row is None or row["ms"].get(backend) is None:
         return None
-    mine = row["ms"][backend]
     kwargs = dict(key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p, scale=scale)
-    for other in LIBRARY_BACKENDS:
-        t = row["ms"].get(other)
-        if t is not None and t < mine * (1.0 - MARGIN) and _why_not_auto(other, q, k, v, **kwargs) is None:
-            return f"{other!r} measured faster at {_describe(row)}: {t:.4f} vs {mine:.4f} ms"
-    return None
+    library_row = dict(row, ms={n: t for n, t in row["ms"].items() if n in LIBRARY_BACKENDS or n == backend})
+    return slower_than(backend, library_row, lambda other: _why_not_auto(other, q, k, v, **kwargs) is None)
 
 
 def rows_from_attention_results(results: Dict[str, Any], device: str, dtype: str, source: str,
