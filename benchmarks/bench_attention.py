@@ -1,8 +1,9 @@
 """Micro-benchmark of the fused Triton attention at BLIP's attention shapes.
 
 Times the forward and forward+backward of the Triton kernel, of every torch SDPA backend that
-accepts the same mask (``torch.nn.attention.sdpa_kernel``), and of the reference (explicit
-softmax) implementation, in bfloat16 on one CUDA device. Each is timed twice: eagerly
+accepts the same mask (``torch.nn.attention.sdpa_kernel``), of xformers and flash-attn where
+importable (through blip_fast's ``xformers`` / ``flash_attn`` backends, which turn the masks into
+the libraries' varlen calls), and of the reference (explicit softmax) implementation, in bfloat16 on one CUDA device. Each is timed twice: eagerly
 (``triton.testing.do_bench``, median, L2 flushed, so host launch overhead counts whenever it
 exceeds the GPU time, as in an eager training step) and replayed from a CUDA graph
 (``do_bench_cudagraph``: GPU time only). Prints a table (ms and the ratio of the fastest SDPA
@@ -109,8 +110,23 @@ def candidates(shape: Shape) -> Dict[str, Callable]:
     }
     for name in SDPA_BACKENDS:
         fns[f"sdpa_{name.lower()}"] = _sdpa_call(name, shape)
+    for name, fn in library_attention().items():
+        fns[name] = lambda q, k, v, m, fn=fn: fn(q, k, v, key_padding_mask=m, causal=shape.causal)
     fns["reference"] = lambda q, k, v, m: reference_attention(q, k, v, key_padding_mask=m, causal=shape.causal)
     return fns
+
+
+def library_attention() -> Dict[str, Callable]:
+    """The attention of the ``xformers`` / ``flash_attn`` backends importable here (called
+    directly, as ``triton`` is: the masks become the libraries' varlen calls)."""
+    from blip_fast import ops
+    from blip_fast.ops import flash_attn_backend, xformers_backend
+
+    found = {}
+    for name, module in (("xformers", xformers_backend), ("flash_attn", flash_attn_backend)):
+        if ops.available_backends()[name] is None:
+            found[name] = module.attention
+    return found
 
 
 def _step(fn: Callable, input_sets: List[Dict[str, object]], backward: bool) -> Callable[[], None]:

@@ -4,8 +4,10 @@
 On one CUDA device, for each hot op of the models, at BLIP's shapes:
 
 * **attention** (bf16): the Triton kernel, ``blip_fast.ops.attention`` as the models call it
-  (``triton``, ``sdpa`` and ``auto`` backends), every torch SDPA backend that takes the same mask,
-  and the reference; forward and forward+backward, eager (``do_bench``, L2 flushed: host time
+  (``triton``, ``sdpa``, ``xformers`` / ``flash_attn`` where importable, and ``auto`` backends),
+  every torch SDPA backend that takes the same mask, xformers / flash-attn, and the reference;
+  ``attention_timings.json`` holds the eager ``ops_*`` times in the form
+  ``blip_fast.ops.measured`` reads; forward and forward+backward, eager (``do_bench``, L2 flushed: host time
   counts where it exceeds the GPU time) and replayed from a CUDA graph (GPU time);
 * **layer_norm** forward / backward GB/s against a device-to-device copy timed in the same run,
   eager and CUDA graph, with and without residual + dropout;
@@ -227,9 +229,19 @@ def _attention_impls(shape) -> Dict[str, Callable]:
             return ops.attention(q, k, v, key_padding_mask=m, causal=shape.causal)
         return backend, call
 
-    for backend in ("triton", "sdpa", "auto"):
+    from .bench_attention import library_attention
+    for backend in ("triton", "sdpa", *library_attention(), "auto"):
         fns[f"ops_{backend}"] = via_ops(backend)
     return fns
+
+
+def _xformers_ops(x: Dict[str, Any], causal: bool) -> Any:
+    """The xformers forward operator these inputs take (e.g. FlashAttention-2 or CUTLASS)."""
+    from blip_fast.ops.xformers_backend import kernels_used
+    try:
+        return kernels_used(x["q"], x["k"], x["v"], x["mask"], causal)
+    except Exception as exc:  # noqa: BLE001 - a report detail, not a result
+        return f"unknown ({exc!r})"[:160]
 
 
 @contextlib.contextmanager
@@ -267,6 +279,8 @@ def section_attention(ctx: Dict[str, Any]) -> Dict[str, Any]:
                         row["fwd_bwd_graph_ms"] = timer.graph(_step(fn, sets, backward=True))
                     if name == "triton" and not SMOKE:
                         row["kernels_us"] = kernel_breakdown(fn, sets)
+                    if name == "xformers":
+                        row["xformers_ops"] = _xformers_ops(sets[0], shape.causal)
             except Exception as exc:  # noqa: BLE001 - an SDPA backend refusing the mask is a result
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 _sync()
@@ -818,6 +832,22 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_attention_timings(report: Dict[str, Any], out: str) -> str:
+    """``attention_timings.json``: the eager ms per call through blip_fast.ops under each backend
+    at each attention shape, in the form ``blip_fast.ops.measured`` reads (``auto`` picks the
+    flash_attn / xformers backends only where such rows say they are fastest; point
+    BLIP_FAST_ATTENTION_TIMINGS at the file, or add its rows to ATTENTION_TIMINGS)."""
+    from blip_fast.ops.measured import rows_from_attention_results
+    env = report.get("env", {})
+    source = f"{report.get('command')}, {env.get('date')}, commit {env.get('commit')}"
+    rows = rows_from_attention_results(report["attention"], _device_name(), str(DTYPE).replace("torch.", ""), source)
+    path = os.path.join(out, "attention_timings.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"rows": rows}, f, indent=1)
+    log(f"attention timings: {len(rows)} rows -> {path}")
+    return path
+
+
 def _warm_job(job) -> str:
     """One --warm worker: run a section (or one shape of it) once, untimed."""
     global WARM
@@ -912,6 +942,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"section {name}: {time.perf_counter() - start:.1f} s")
         with open(os.path.join(args.out, "kernels.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
+    if isinstance(report.get("attention"), dict) and report["attention"] and "error" not in report["attention"]:
+        write_attention_timings(report, args.out)
     md = markdown(report)
     with open(os.path.join(args.out, "kernels.md"), "w", encoding="utf-8") as f:
         f.write(md)
