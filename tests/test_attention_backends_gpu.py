@@ -275,13 +275,12 @@ def test_cuda_graph_capture_of_unmasked_calls(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blip_pretrain_step_with_attention_on_the_backend(backend, dtype, monkeypatch):
     """BLIP_Pretrain forward + backward with every attention call on ``backend`` (the other ops
-    on the reference backend) against the reference path on the CPU (test_gpu_parity's bounds)."""
+    on the reference backend, as ``blip-fast bench`` runs a backend) against the reference path
+    on the CPU (test_gpu_parity's bounds)."""
+    from benchmarks.runner import backend_scope
     from blip_fast.models import BLIP_Pretrain
     if backend == "flash_attn" and dtype == torch.float32:
         pytest.skip("flash-attn has no float32 kernels")
-    lib = _dispatch.get_backend_object(backend)
-    monkeypatch.setattr(_dispatch, "AUTO_ORDER", [backend, "reference"])
-    monkeypatch.setattr(lib, "auto_checks", {})  # capability only, not the measured routing
     used = collections.Counter()
     original = _dispatch.resolve
 
@@ -298,5 +297,7 @@ def test_blip_pretrain_step_with_attention_on_the_backend(backend, dtype, monkey
         images, tokens = _inputs(device, 4)
         return model(images, tokens, alpha=0.4, hard_negatives=negatives)
 
-    _compare(lambda: BLIP_Pretrain(med_config=MED, image_size=IMG, vit=VIT, embed_dim=32, queue_size=16), step, dtype)
+    with backend_scope(backend, strict=False):  # "auto" = the backend where it can run a call, else reference
+        _compare(lambda: BLIP_Pretrain(med_config=MED, image_size=IMG, vit=VIT, embed_dim=32, queue_size=16),
+                 step, dtype)
     assert used[backend] > 0 and set(used) == {backend}, dict(used)
