@@ -172,6 +172,8 @@ def why_not_attention(
     d = q.shape[-1]
     if d % 8 or d > MAX_HEAD_DIM:
         return f"head dim {d}: flash-attn takes multiples of 8 up to {MAX_HEAD_DIM}"
+    if torch.compiler.is_compiling():
+        return None  # the device queries below do not trace; the call runs eagerly and reports itself
     major, minor = torch.cuda.get_device_capability(q.device)
     if major < 8:
         return f"compute capability {major}.{minor}: flash-attn needs 8.0 (Ampere) or newer"

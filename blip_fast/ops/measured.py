@@ -160,7 +160,7 @@ def faster_library_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, key_pa
                            causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None) -> Optional[str]:
     """For a backend before the library ones in ``AUTO_ORDER`` (triton): the reason to leave this
     call to a library backend measured faster at it and able to run it, else None."""
-    if not timing_rows() or _excluded_now(backend) is not None:
+    if _excluded_now(backend) is not None or not timing_rows():  # compile-time checks first: traceable
         return None
     row = matching_row(q, k, key_padding_mask, causal, _training(q, k, v))
     if row is None or row["ms"].get(backend) is None:
