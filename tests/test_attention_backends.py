@@ -376,3 +376,9 @@ def test_rows_from_the_attention_benchmark():
     assert [r["training"] for r in rows] == [False, True]
     assert rows[0]["ms"] == {"triton": 0.2, "sdpa": 0.3} and rows[1]["ms"] == {"triton": 0.5, "sdpa": 0.6}
     assert measured.select_row(rows, "GPU-X", "bfloat16", 192, 12, 30, 30, 64, True, False, True) is rows[1]
+
+
+def test_recorded_rows_are_well_formed():
+    for row in measured.ATTENTION_TIMINGS:
+        assert set(measured.ROW_KEYS) <= set(row), row
+        assert set(row["ms"]) <= set(ops.known_backends()) and all(t > 0 for t in row["ms"].values()), row

@@ -39,8 +39,11 @@ MARGIN = 0.05
 #: A row speaks for calls with up to this factor more or less work.
 MAX_WORK_RATIO = 2.0
 
-#: Recorded rows: {"device", "dtype", "shape", "batch", "heads", "lq", "lk", "head_dim", "padding",
-#: "causal", "training", "ms": {backend: eager ms per call through blip_fast.ops}, "source"}.
+#: Row keys (what ``attention_timings.json`` holds under "rows"; paste a device run's rows here).
+ROW_KEYS = ("device", "dtype", "shape", "batch", "heads", "lq", "lk", "head_dim", "padding", "causal",
+            "training", "ms", "source")
+#: Recorded rows: dicts with :data:`ROW_KEYS`; "ms" maps backend names to eager milliseconds per
+#: call through blip_fast.ops, "source" says the command, date and commit.
 ATTENTION_TIMINGS: List[Dict[str, Any]] = []
 
 
@@ -160,8 +163,8 @@ def faster_library_backend(backend: str, q: Tensor, k: Tensor, v: Tensor, key_pa
                            causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None) -> Optional[str]:
     """For a backend before the library ones in ``AUTO_ORDER`` (triton): the reason to leave this
     call to a library backend measured faster at it and able to run it, else None."""
-    if _excluded_now(backend) is not None or not timing_rows():  # compile-time checks first: traceable
-        return None
+    if torch.compiler.is_compiling() or not timing_rows() or _excluded_now(backend) is not None:
+        return None  # in this order: traceable first, then the cheapest (no rows: nothing to do)
     row = matching_row(q, k, key_padding_mask, causal, _training(q, k, v))
     if row is None or row["ms"].get(backend) is None:
         return None
