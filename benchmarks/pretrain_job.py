@@ -67,8 +67,10 @@ def job_throughput(log_path: str, warmup: int, global_batch: int) -> Dict[str, f
 
 
 def bare_step_throughput(job: Any, steps: int, warmup: int) -> Dict[str, float]:
-    """The suite's step on the job's model and optimiser: one batch resident on the device."""
+    """The suite's step on the job's model and optimiser: one batch resident on the device; with
+    ``cuda_graph`` the job's captured forward + backward replayed, then the optimiser step."""
     from blip_fast.data import normalize_images
+    from blip_fast.train.graphed_step import forward_backward
     device = job.device
     batch = next(iter(job.data.loader(0, 0)))
     images = normalize_images(batch.images.to(device))
@@ -78,11 +80,11 @@ def bare_step_throughput(job: Any, steps: int, warmup: int) -> Dict[str, float]:
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        with job._autocast():
-            loss_ita, loss_itm, loss_lm = model(images, text, 0.4)
-            loss = loss_ita + loss_itm + loss_lm
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if job._graphed is not None:
+            job._graphed(images, text, 0.4)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward(model, job.params, images, text, 0.4, job._autocast)
         optimizer.step()
         _sync(device)
         if i >= warmup:
@@ -118,6 +120,7 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)))
     p.add_argument("--bare-steps", type=int, default=20)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--cuda-graph", action="store_true", help="the job and the bare step with cuda_graph=true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--synthetic-vocab", action="store_true",
                    help="use the stand-in vocabulary even when bert-base-uncased's is installed")
@@ -132,7 +135,8 @@ def main(argv: List[str] = None) -> int:
                  f"synthetic.train_size={args.batch_size * (args.steps + 10)}", "synthetic.max_objects=2",
                  f"max_steps={args.steps}", "max_epoch=1", "warmup_steps=3000", "checkpoint_every=0",
                  "save_epoch_checkpoints=false", "eval_every_epochs=0", f"num_workers={args.workers}",
-                 "log_every=1", "plot=false", "progress_bar=off", "print_every=10"] + list(args.overrides)
+                 "log_every=1", "plot=false", "progress_bar=off", "print_every=10",
+                 f"cuda_graph={str(args.cuda_graph).lower()}"] + list(args.overrides)
     cfg = load_config(args.config, overrides)
     scratch = tempfile.mkdtemp(prefix="blip_fast_job_")  # the final checkpoint (GBs) stays off $OUT
     vocabulary = ensure_vocabulary(args.synthetic_vocab, scratch)
@@ -140,7 +144,8 @@ def main(argv: List[str] = None) -> int:
     rt = init_runtime(args.device)
     try:
         job = PretrainJob(cfg, scratch, rt)
-        print(f"job: {args.steps} steps, batch {args.batch_size}, amp {args.amp}, {args.workers} workers", flush=True)
+        print(f"job: {args.steps} steps, batch {args.batch_size}, amp {args.amp}, {args.workers} workers, "
+              f"cuda_graph {cfg.cuda_graph}", flush=True)
         job.run()
         shutil.copy(os.path.join(scratch, "log.jsonl"), os.path.join(args.out, "log.jsonl"))
         result: Dict[str, Any] = {

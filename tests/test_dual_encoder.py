@@ -180,6 +180,23 @@ def test_dual_encoder_trains_on_a_synthetic_task():
     assert model.logit_scale.item() <= math.log(100) + 1e-6
 
 
+def test_dual_encoder_learns_the_built_in_synthetic_scenes(blip_tokenizer):
+    example = _example()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = example.build("tiny", seed=0)
+        data = example.SceneBatches(4096, 32, seed=1, eval_size=128)
+        result = example.train(model, data, steps=150, batch_size=32, lr=2e-3, warmup=15)
+        accuracy = example.retrieval_accuracy(model, data)  # held-out; the GPU run at base size measures it
+    finally:
+        torch.set_num_threads(threads)
+    losses = result["losses"]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first > 3.3 and last < first - 0.3 and last < math.log(32) - 0.15, losses  # ln(32): chance
+    assert 0.0 <= accuracy <= 1.0
+
+
 @pytest.mark.gpu
 def test_fast_path_on_cuda_matches_reference_and_trains_in_bf16(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 means float32

@@ -34,6 +34,7 @@ from ..models.blip_pretrain import BLIP_Pretrain, blip_pretrain
 from ..tokenizer import init_tokenizer
 from . import checkpointing as ckpt_io
 from .config import PretrainConfig, dump_config
+from .graphed_step import GraphedForwardBackward, forward_backward
 from .pipeline import TrainData, build_eval_set
 from .reporting import LOG_FILE, PLOT_FILE, JsonlLog, Progress, plot_losses
 from .runtime import (Runtime, barrier, gather_objects, init_runtime, rng_state, seed_everything, set_rng_state,
@@ -112,14 +113,6 @@ def _sample_negatives_from_finite_similarities(model: BLIP_Pretrain) -> None:
     model.sample_hard_negatives = sample_finite
 
 
-def _grad_norm(params: List[Tensor]) -> Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=params[0].device)
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-
-
 class PretrainJob:
     """One run of the pretraining job (``run()``); see the module docstring."""
 
@@ -168,6 +161,21 @@ class PretrainJob:
         self._stop_requested = False
         self._fault_nan = {int(s) for s in cfg.fault_injection.get("nan_steps", [])}
         self._fault_sleep = float(cfg.fault_injection.get("step_sleep", 0.0))
+        self._graphed: Optional[GraphedForwardBackward] = None
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
+
+    def _check_cuda_graph(self) -> None:
+        problem = None
+        if self.device.type != "cuda":
+            problem = f"it needs a CUDA device, the job runs on {self.device}"
+        elif self.rt.distributed:
+            problem = ("the step's queue all-gathers and DDP's gradient all-reduce cannot be captured; "
+                       "multi-GPU runs are eager")
+        elif self.cfg.vit_grad_ckpt:
+            problem = "activation checkpointing (vit_grad_ckpt) is not captured; turn one of them off"
+        if problem:
+            raise ValueError(f"cuda_graph: {problem}. Fix: --set cuda_graph=false")
 
     # -- state -------------------------------------------------------------------------------------
     def _load_state(self, state: Dict[str, Any], path: str) -> None:
@@ -248,14 +256,14 @@ class PretrainJob:
         if self.global_step + 1 in self._fault_nan:  # numbered as logged (1-based)
             images = images * float("nan")
         self.queue_guard.save()
-        with self._autocast():
-            loss_ita, loss_itm, loss_lm = self.ddp_model(images, text, alpha)
-            loss = loss_ita + loss_itm + loss_lm
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = _grad_norm(self.params)
-        values = torch.stack([loss_ita.detach().float(), loss_itm.detach().float(), loss_lm.detach().float(),
-                              grad_norm])
+        if self.cfg.cuda_graph:  # gradients live in the graph's buffers: never set them to None
+            if self._graphed is None:
+                self._graphed = GraphedForwardBackward(self.model, self.params, images, text, alpha, self._autocast)
+            values = self._graphed(images, text, alpha)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            values = forward_backward(self.ddp_model, self.params, images, text, alpha, self._autocast)
+        grad_norm = values[3]
         host_flags = torch.tensor([1.0 if self._stop_requested else 0.0, float(len(batch.skipped))])
         packed = torch.cat([values, (~torch.isfinite(values).all()).float().view(1),
                             host_flags.to(self.device, non_blocking=True)])
@@ -270,7 +278,8 @@ class PretrainJob:
                 torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
             self.optimizer.step()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            if not self.cfg.cuda_graph:
+                self.optimizer.zero_grad(set_to_none=True)
             self.queue_guard.restore()
         out = {"loss_ita": host[0] / n, "loss_itm": host[1] / n, "loss_lm": host[2] / n, "grad_norm": host[3] / n,
                "nonfinite": nonfinite, "stop": host[5] > 0, "skipped_samples": int(host[6])}
