@@ -28,16 +28,16 @@ for name, reason in blip_fast.available_backends().items(): print(name + ":", re
 cat "$OUT/device.txt"; head -40 "$OUT/xformers_info.txt"
 
 QUICK_ARG=--quick; [ "${QUICK:-1}" = 0 ] && QUICK_ARG=
-timeout "${PYTEST_TIMEOUT:-150}" python -m pytest -v -p no:cacheprovider -n "${PYTEST_WORKERS:-4}" -rfs \
+timeout "${PYTEST_TIMEOUT:-120}" python -m pytest -v -p no:cacheprovider -n "${PYTEST_WORKERS:-4}" -rfs \
   tests/test_attention_backends_gpu.py tests/test_attention_backends.py > "$OUT/pytest.txt" 2>&1 &
 PYTEST_PID=$!
-timeout "${WARM_TIMEOUT:-100}" python -m benchmarks --kernels --out "$OUT" --sections attention $QUICK_ARG \
+timeout "${WARM_TIMEOUT:-90}" python -m benchmarks --kernels --out "$OUT" --sections attention $QUICK_ARG \
   --warm "${WARM_WORKERS:-8}" --warm-only > "$OUT/warm_log.txt" 2>&1
 echo "warm exit $?" >> "$OUT/warm_log.txt"
 wait "$PYTEST_PID"; echo "pytest exit $?" >> "$OUT/pytest.txt"
 tail -30 "$OUT/pytest.txt"
 
-timeout "${BENCH_TIMEOUT:-150}" python -m benchmarks --kernels --out "$OUT" --sections attention $QUICK_ARG \
+timeout "${BENCH_TIMEOUT:-120}" python -m benchmarks --kernels --out "$OUT" --sections attention $QUICK_ARG \
   > "$OUT/bench_log.txt" 2>&1
 echo "bench exit $?" >> "$OUT/bench_log.txt"
 grep "^section\|attention timings\|exit" "$OUT/bench_log.txt"

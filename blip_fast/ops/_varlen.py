@@ -55,7 +55,8 @@ class Segment:
     k_lens: Tuple[int, ...]
     q_index: Optional[Tensor]
     k_index: Optional[Tensor]
-    _cu: Dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: Objects the libraries build from the lengths (cu_seqlens, xformers' bias), kept with the plan.
+    cache: Dict[object, object] = field(default_factory=dict, repr=False)
 
     @property
     def max_q(self) -> int:
@@ -67,13 +68,16 @@ class Segment:
 
     def cu_seqlens(self, device: torch.device) -> Tuple[Tensor, Tensor]:
         """``(cu_seqlens_q, cu_seqlens_k)``: int32 ``(num_sequences + 1,)`` on ``device``."""
-        if not self._cu:
-            for name, lens in (("q", self.q_lens), ("k", self.k_lens)):
+        key = ("cu_seqlens", device)
+        if key not in self.cache:
+            cu = []
+            for lens in (self.q_lens, self.k_lens):
                 starts = [0]
                 for n in lens:
                     starts.append(starts[-1] + n)
-                self._cu[name] = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)
-        return self._cu["q"], self._cu["k"]
+                cu.append(torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True))
+            self.cache[key] = tuple(cu)
+        return self.cache[key]
 
 
 @dataclass

@@ -67,9 +67,11 @@ def _dense_kernel(p: float, scale: float):
 def _varlen_kernel(p: float, scale: float):
     def kernel(q: Tensor, k: Tensor, v: Tensor, seg: _varlen.Segment) -> Tensor:
         fmha = _fmha()
-        kind = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if seg.causal else fmha.attn_bias.BlockDiagonalMask
-        bias = kind.from_seqlens(list(seg.q_lens), list(seg.k_lens), device=q.device)
-        return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, p=p, scale=scale)[0]
+        key = ("xformers_bias", q.device)
+        if key not in seg.cache:  # built once per plan: the layers of a forward pass share it
+            kind = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if seg.causal else fmha.attn_bias.BlockDiagonalMask
+            seg.cache[key] = kind.from_seqlens(list(seg.q_lens), list(seg.k_lens), device=q.device)
+        return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=seg.cache[key], p=p, scale=scale)[0]
     return kernel
 
 
