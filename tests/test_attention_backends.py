@@ -48,6 +48,27 @@ def test_unavailable_backend_says_why_and_how_to_install(name, module, hint):
         assert hint in str(err.value)
 
 
+def test_xformers_whose_extension_does_not_load_is_unavailable_with_the_build_mismatch(monkeypatch):
+    """The xformers 0.0.35 wheel under torch 2.11 imports, but its C++/CUDA library does not load
+    and no kernel runs: the backend must say so up front instead of declining every call."""
+    import sys
+
+    class LoadError(Exception):
+        build_info = types.SimpleNamespace(torch_version="2.10.0+cu128", cuda_version=1208)
+
+    package = types.ModuleType("xformers")
+    package.__version__, package._has_cpp_library = "0.0.35", False
+    package._cpp_lib = types.SimpleNamespace(_cpp_library_load_exception=LoadError())
+    package.ops = types.ModuleType("xformers.ops")
+    package.ops.fmha = types.ModuleType("xformers.ops.fmha")
+    for name, module in (("xformers", package), ("xformers._cpp_lib", package._cpp_lib),
+                         ("xformers.ops", package.ops), ("xformers.ops.fmha", package.ops.fmha)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = xformers_backend.load().unavailable_reason
+    assert "C++/CUDA extension does not load (built for torch 2.10.0+cu128" in reason and "pip install xformers" in reason
+
+
 def test_auto_order_and_cpu_routing_unchanged():
     assert ops.AUTO_ORDER == ["cuda", "triton", "flash_attn", "xformers", "sdpa", "reference"]
     assert set(LIBRARY_BACKENDS) <= set(ops.known_backends())

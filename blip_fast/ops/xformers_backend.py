@@ -45,8 +45,26 @@ def load() -> Backend:
         return Backend("xformers", unavailable_reason=f"xformers is not importable ({exc!r}); fix: {INSTALL_HINT}")
     if not torch.cuda.is_available():
         return Backend("xformers", unavailable_reason="no CUDA device (xformers' attention kernels run on CUDA)")
+    broken = _cpp_library_problem()
+    if broken:
+        return Backend("xformers", unavailable_reason=f"{broken}; fix: {INSTALL_HINT}")
     return Backend("xformers", ops={"attention": attention}, checks={"attention": why_not_attention},
                    auto_checks={"attention": _auto_attention})
+
+
+def _cpp_library_problem() -> Optional[str]:
+    """Why xformers' compiled extension did not load (then none of its CUDA kernels, not even the
+    ones it wraps from torch, is offered), or None. Seen with the 0.0.35 wheel (built for torch
+    2.10) under torch 2.11."""
+    import xformers
+    if getattr(xformers, "_has_cpp_library", True):
+        return None
+    from xformers import _cpp_lib
+    exc = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    built = getattr(exc, "build_info", None)
+    detail = (f"built for torch {built.torch_version} / CUDA {built.cuda_version}, this is torch "
+              f"{torch.__version__}" if built is not None else repr(exc))
+    return f"xformers {getattr(xformers, '__version__', '?')} is installed but its C++/CUDA extension does not load ({detail})"
 
 
 def _fmha():
