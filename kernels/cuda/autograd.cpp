@@ -2,9 +2,12 @@
 // eager training step pays the host time of torch's own LayerNorm, not of a Python
 // autograd.Function. The forward and backward call the layer_norm_fwd / layer_norm_bwd ops
 // through the dispatcher, so torch.compile (AOTAutograd) traces them as two graph nodes.
+// Also here: the ADInplaceOrView kernel of momentum_update_, which bumps the version counters
+// of the tensors it writes, as torch's own in-place ops do.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -83,7 +86,22 @@ Tensor layer_norm_autograd(const Tensor& x, const OptTensor& weight, const OptTe
   return LayerNormFunction::apply(x, weight, bias, eps, residual);
 }
 
+void momentum_update_inplace(at::TensorList params_m, at::TensorList params, double momentum) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("blip_fast_cuda::momentum_update_", "")
+                             .typed<void(at::TensorList, at::TensorList, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(params_m, params, momentum);
+  }
+  for (const Tensor& t : params_m) torch::autograd::impl::bump_version(t);
+}
+
 }  // namespace
 }  // namespace blip_fast
 
 TORCH_LIBRARY_IMPL(blip_fast_cuda, Autograd, m) { m.impl("layer_norm", &blip_fast::layer_norm_autograd); }
+
+TORCH_LIBRARY_IMPL(blip_fast_cuda, ADInplaceOrView, m) {
+  m.impl("momentum_update_", &blip_fast::momentum_update_inplace);
+}
