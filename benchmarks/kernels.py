@@ -17,7 +17,9 @@ On one CUDA device, for each hot op of the models, at BLIP's shapes:
   and a cProfile of one op;
 * **crossover**: eager time of the triton and the alternative backend as the work grows, the
   measurement behind the ``auto`` routing in ``blip_fast/ops/triton_backend.py``;
-* **sweeps** of launch parameters (GPU time).
+* **sweeps** of launch parameters (GPU time);
+* **native_layer_norm** and **momentum_update**: the native CUDA extension (the ``cuda`` backend)
+  against the Triton kernels and torch (``benchmarks/bench_native.py``).
 
 Writes ``kernels.json`` (every number), ``kernels.md`` (tables) and ``host_profile.txt`` into
 ``--out``. Each section is independent: one that fails is recorded and the rest still run.
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 
 SWEEP_SHAPES = ("vit224_self", "vit384_self", "vit480_self", "smoke_self")
 SECTIONS = ("env", "graph_dropout", "attention", "layer_norm", "gelu", "cross_entropy", "host",
-            "crossover", "sweeps")
+            "crossover", "sweeps", "native_layer_norm", "momentum_update")
 
 
 # ============================================================================================
@@ -751,6 +753,18 @@ def section_sweeps_attention(ctx: Dict[str, Any], out: Dict[str, Any]) -> Dict[s
     return out
 
 
+# ------------------------------------------------------------- native CUDA extension (cuda backend)
+
+def section_native_layer_norm(ctx: Dict[str, Any]) -> Dict[str, Any]:
+    from .bench_native import section_native_layer_norm as run
+    return run(ctx)
+
+
+def section_momentum_update(ctx: Dict[str, Any]) -> Dict[str, Any]:
+    from .bench_native import section_momentum_update as run
+    return run(ctx)
+
+
 # ============================================================================================
 # Report
 # ============================================================================================
@@ -829,6 +843,8 @@ def markdown(report: Dict[str, Any]) -> str:
         for k, row in host.items():
             if isinstance(row, dict):
                 lines.append(f"| {k} | {row.get('direct_us')} | {row.get('jit_us', '-')} |")
+    from .bench_native import markdown as native_markdown
+    lines += native_markdown(report)
     return "\n".join(lines) + "\n"
 
 

@@ -36,10 +36,12 @@ from ._dispatch import (
 from . import flash_attn_backend as _flash_attn_backend
 from . import triton_backend as _triton_backend
 from . import xformers_backend as _xformers_backend
+from . import cuda_backend as _cuda_backend
 
 register_lazy_backend("triton", _triton_backend.load)
 register_lazy_backend("flash_attn", _flash_attn_backend.load)
 register_lazy_backend("xformers", _xformers_backend.load)
+register_lazy_backend("cuda", _cuda_backend.load)
 
 Tensor = torch.Tensor
 
