@@ -221,6 +221,9 @@ BwdPlan plan_bwd(const LayerNormBwdArgs& a, int device) {
   const bool aligned = aligned16(a.dy) && aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) &&
                        aligned16(a.dx) && aligned16(a.dresidual);
   const RowShape shape = row_shape(a.n, a.x_dtype, aligned, true);
+  if (shape.items > max_items(shape.vec, true) ||
+      static_cast<int64_t>(shape.items) * shape.threads_per_row * shape.vec < a.n)
+    return plan;  // a shape the dispatch cannot cover (never for n <= kLayerNormMaxN)
   if (shape.vec == 1 && a.n > kLayerNormScalarMaxN) return plan;  // no kernel: the caller reports it
   const bool params = a.dweight != nullptr || a.dbias != nullptr;
   const size_t row_smem = params ? 2 * static_cast<size_t>(a.n) * sizeof(float) : 0;

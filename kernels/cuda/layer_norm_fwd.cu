@@ -87,6 +87,9 @@ cudaError_t layer_norm_fwd(const LayerNormFwdArgs& a, cudaStream_t stream) {
   const bool aligned = aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) && aligned16(a.bias) &&
                        aligned16(a.y);
   const RowShape shape = row_shape(a.n, a.x_dtype, aligned, false);
+  if (shape.items > max_items(shape.vec, false) ||
+      static_cast<int64_t>(shape.items) * shape.threads_per_row * shape.vec < a.n)
+    return cudaErrorInvalidValue;  // a shape the dispatch cannot cover (never for n <= kLayerNormMaxN)
   if (shape.vec == 1 && a.n > kLayerNormScalarMaxN) return cudaErrorInvalidValue;
   const int rows_per_block = shape.threads_per_row == 32 ? 4 : 1;
   const dim3 block(shape.threads_per_row, rows_per_block);

@@ -153,11 +153,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_bwd_cuda(const Tensor& dy_
   need_dr = need_dr && present(residual);
   need_dw = need_dw && present(weight);
   need_db = need_db && present(bias_in);
-  const Tensor none = at::empty({0}, x.options());
-  Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : none;
-  Tensor dr = need_dr ? at::empty(x.sizes(), residual->options()) : none;
-  Tensor dw = need_dw ? at::empty({n}, weight->options()) : none;
-  Tensor db = need_db ? at::empty({n}, bias_in->options()) : none;
+  // Outputs not asked for are empty, each its own tensor (an op's outputs must not alias).
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  Tensor dx = need_dx ? at::empty(x.sizes(), x.options()) : none();
+  Tensor dr = need_dr ? at::empty(x.sizes(), residual->options()) : none();
+  Tensor dw = need_dw ? at::empty({n}, weight->options()) : none();
+  Tensor db = need_db ? at::empty({n}, bias_in->options()) : none();
   if (!need_dx && !need_dr && !need_dw && !need_db) return {dx, dr, dw, db};
   LayerNormBwdArgs a;
   a.dy = dy.data_ptr();
