@@ -30,7 +30,7 @@ BUILD_ENV = "BLIP_FAST_BUILD_CUDA"
 ARCH_ENV = "BLIP_FAST_CUDA_ARCHITECTURES"
 LIBRARY_NAME = "libblip_fast_cuda.so"
 DEFAULT_ARCHITECTURES = "80;90"
-#: The torch operator namespace the library registers.
+#: The torch operator namespace the library registers (TORCH_LIBRARY in kernels/cuda/ops.cpp).
 OP_NAMESPACE = "blip_fast_cuda"
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

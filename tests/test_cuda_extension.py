@@ -118,6 +118,8 @@ def test_cmakelists_builds_every_kernel_source():
     launchers = (ROOT / "kernels" / "cuda" / "launchers.h").read_text()
     assert f"kLayerNormMaxN = {cuda_backend.MAX_N};" in launchers
     assert f"kLayerNormScalarMaxN = {cuda_backend.SCALAR_MAX_N};" in launchers
+    ops_cpp = (ROOT / "kernels" / "cuda" / "ops.cpp").read_text()
+    assert f"TORCH_LIBRARY({native.OP_NAMESPACE}, m)" in ops_cpp and cuda_backend.OP_NAMESPACE == native.OP_NAMESPACE
 
 
 def test_layer_norm_checks_decline_what_the_kernels_do_not_take():

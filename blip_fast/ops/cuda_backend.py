@@ -18,7 +18,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import native
 from ._dispatch import Backend
 
 Tensor = torch.Tensor
@@ -30,9 +29,17 @@ MAX_N = 8192
 SCALAR_MAX_N = 4096
 
 
+def _native():
+    # Imported on first use, not with blip_fast: `python -m blip_fast.native` runs that module
+    # as __main__, and must not find it imported already.
+    from .. import native
+    return native
+
+
 def load() -> Backend:
     """The backend over the native library, else over apex, else an unavailable one whose
     reason names the way to build the extension."""
+    native = _native()
     load_error = None
     if native.find_library() is not None:
         try:
@@ -55,8 +62,12 @@ def load() -> Backend:
     return Backend("cuda", unavailable_reason=load_error)
 
 
+#: The torch operator namespace of the extension (blip_fast.native.OP_NAMESPACE).
+OP_NAMESPACE = "blip_fast_cuda"
+
+
 def _ops():
-    return getattr(torch.ops, native.OP_NAMESPACE)
+    return getattr(torch.ops, OP_NAMESPACE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +181,7 @@ def register_fakes() -> None:
     global _FAKES_REGISTERED
     if _FAKES_REGISTERED:
         return
-    ns = native.OP_NAMESPACE
+    ns = OP_NAMESPACE
 
     @torch.library.register_fake(f"{ns}::layer_norm")
     def _(x, weight, bias, eps, residual=None):
