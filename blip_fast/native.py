@@ -104,6 +104,14 @@ def _run(cmd: Sequence[str], cwd: str, env: dict, log: Callable[[str], None]) ->
     return proc.stdout
 
 
+def _find_nvcc() -> Optional[str]:
+    """nvcc under $CUDA_HOME / $CUDA_PATH or /usr/local/cuda, when it is not on PATH."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
 def build(source_dir: Optional[str] = None, build_dir: Optional[str] = None, output_dir: Optional[str] = None,
           architectures: Optional[str] = None, jobs: Optional[int] = None, torch_cmake_config: Optional[bool] = None,
           python: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> str:
@@ -134,6 +142,11 @@ def build(source_dir: Optional[str] = None, build_dir: Optional[str] = None, out
     jobs = jobs or os.cpu_count() or 4
     log = log or (lambda _msg: None)
     env = dict(os.environ)
+    if not env.get("CUDACXX") and shutil.which("nvcc") is None:
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            raise NativeBuildError("nvcc is not on PATH (set CUDACXX to its path, or CUDA_HOME to the toolkit)")
+        env["CUDACXX"] = nvcc
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     modes: List[bool] = [True, False] if torch_cmake_config is None else [torch_cmake_config]
     errors = []

@@ -22,7 +22,7 @@ struct BwdKernelArgs {
 };
 
 // Block: (threads_per_row, rows_per_block). Dynamic shared memory: 2 * rows_per_block * n floats
-// when dweight or dbias is requested.
+// when dweight or dbias is requested (16-byte aligned per row in the vector path: n % 4 == 0).
 template <typename T, typename R, typename O, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads, 1) layer_norm_bwd_kernel(const BwdKernelArgs k) {
   constexpr bool kAligned = VEC > 1;
@@ -41,8 +41,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) layer_norm_bwd_kernel(const Bw
     for (int i = 0; i < ITEMS; ++i) {
       const int col = (threadIdx.x + i * tpr) * VEC;
       if (col < n) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) acc_dw[col + j] = acc_db[col + j] = 0.f;
+        float zero[VEC] = {};
+        store_floats<float, VEC, kAligned>(acc_dw + col, zero);
+        store_floats<float, VEC, kAligned>(acc_db + col, zero);
       }
     }
   }
@@ -78,12 +79,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1) layer_norm_bwd_kernel(const Bw
           sum_w += wdy;
           if constexpr (kKeepDy) g[i][j] = gi[j];
         }
-        if (params) {
+        if (params) {  // 16-byte shared-memory accesses in the vector path
+          float dw[VEC], db[VEC];
+          load_floats<float, VEC, kAligned>(acc_dw + col, dw);
+          load_floats<float, VEC, kAligned>(acc_db + col, db);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            acc_dw[col + j] += gi[j] * xhat[i][j];
-            acc_db[col + j] += gi[j];
+            dw[j] += gi[j] * xhat[i][j];
+            db[j] += gi[j];
           }
+          store_floats<float, VEC, kAligned>(acc_dw + col, dw);
+          store_floats<float, VEC, kAligned>(acc_db + col, db);
         }
       }
     }
