@@ -188,9 +188,14 @@ def section_momentum_update(ctx: Dict[str, Any]) -> Dict[str, Any]:
     impls["foreach_mul_add (sdpa backend)"] = lambda: sdpa.momentum_update(params_m, params, m)
     impls["per_tensor_loop (reference)"] = lambda: ref.momentum_update(params_m, params, m)
 
-    def via_auto():
-        ops.momentum_update(params_m, params, m)
-    impls["ops_auto"] = via_auto
+    def via_ops(backend):
+        def call():
+            with ops.use_backend(backend):
+                ops.momentum_update(params_m, params, m)
+        return call
+    if reason is None:
+        impls["ops_cuda"] = via_ops("cuda")
+    impls["ops_auto"] = via_ops("auto")
     out["auto_picks"] = ops.resolve("momentum_update", params_m, params, m)[0]
     rows: Dict[str, Any] = {}
     with torch.no_grad():
@@ -200,7 +205,7 @@ def section_momentum_update(ctx: Dict[str, Any]) -> Dict[str, Any]:
                 row["eager_ms"] = timer.eager(fn)
                 if not impl.startswith("per_tensor"):  # thousands of launches: the GPU would set the pace
                     row["host_us"] = round(K.host_us(fn, calls=10), 1)
-                if impl != "ops_auto":
+                if not impl.startswith("ops_"):
                     row["graph_ms"] = timer.graph(fn)
                     gbps = nbytes / row["graph_ms"] / 1e6
                     row["graph_gbps"] = round(gbps, 1)

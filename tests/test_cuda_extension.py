@@ -275,8 +275,12 @@ def test_gpu_layer_norm_layouts_and_optional_parts(native_ops):
 
 
 @gpu
-def test_gpu_layer_norm_dispatch(native_ops):
+def test_gpu_layer_norm_dispatch(native_ops, monkeypatch):
     x = leaf(8, 768, dtype=torch.bfloat16)
+    # auto takes the backend only for the ops measured faster (AUTO_OPS)
+    monkeypatch.setattr(cuda_backend, "AUTO_OPS", frozenset())
+    assert ops.resolve("layer_norm", x, None, None, 1e-6)[0] != "cuda"
+    monkeypatch.setattr(cuda_backend, "AUTO_OPS", frozenset({"layer_norm"}))
     name, fn = ops.resolve("layer_norm", x, None, None, 1e-6)
     assert name == "cuda" and fn is cuda_backend.layer_norm
     # dropout is not in the native kernel: auto goes on to the next backend, explicit raises
@@ -389,7 +393,8 @@ def test_gpu_momentum_update_blip_pretrain_parameters(native_ops):
             ops.momentum_update(momentum, online, m)
         _assert_bitwise(momentum, want)
         assert momentum[0]._version > version
-    assert ops.resolve("momentum_update", momentum, online, 0.995)[0] == "cuda"
+    with ops.use_backend("cuda"):
+        assert ops.resolve("momentum_update", momentum, online, 0.995)[0] == "cuda"
 
 
 @gpu

@@ -45,7 +45,8 @@ def load() -> Optional[Backend]:
     else:
         ops["momentum_update"] = momentum_update
         checks["momentum_update"] = why_not_momentum_update
-    return Backend("cuda", ops=ops, checks=checks)
+    from .cuda_backend import auto_checks
+    return Backend("cuda", ops=ops, checks=checks, auto_checks=auto_checks(ops))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,

@@ -11,10 +11,14 @@ The extension registers torch custom ops in the ``blip_fast_cuda`` namespace:
 
 Dropout inside ``layer_norm`` is not in the native kernel: a call with ``dropout_p > 0`` is
 declined, so ``auto`` hands it to the next backend (the triton kernel fuses it).
+
+``auto`` takes this backend only for the ops in :data:`AUTO_OPS`, those a device measurement
+(``benchmarks/run_native_on_device.sh``; benchmarks/RESULTS.md) showed faster than what ``auto``
+picks otherwise; an explicit ``use_backend("cuda")`` runs every op it supports.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import FrozenSet, Optional, Sequence
 
 import torch
 
@@ -27,6 +31,23 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: read in 16-byte vectors (a tensor not 16-byte aligned, or a row not a multiple of 16 bytes).
 MAX_N = 8192
 SCALAR_MAX_N = 4096
+
+#: The ops ``auto`` runs on this backend: only those measured faster than the backend auto would
+#: pick otherwise (never on a guess). None is recorded yet: until a device run of
+#: benchmarks/run_native_on_device.sh is, auto leaves both ops to the other backends.
+AUTO_OPS: FrozenSet[str] = frozenset()
+
+
+def auto_checks(ops) -> dict:
+    """``Backend.auto_checks`` for ``ops``: decline under ``auto`` the ops not in :data:`AUTO_OPS`."""
+    def check(op):
+        def why_not_auto(*args, **kwargs):
+            if op in AUTO_OPS:
+                return None
+            return (f"auto takes the cuda backend's {op} only where measured faster (cuda_backend.AUTO_OPS; "
+                    f"not measured yet); use_backend('cuda') runs it")
+        return why_not_auto
+    return {op: check(op) for op in ops}
 
 
 def _native():
@@ -51,7 +72,8 @@ def load() -> Backend:
             if not torch.cuda.is_available():
                 return Backend("cuda", unavailable_reason="no CUDA device (the native extension is built but "
                                "runs CUDA tensors only)")
-            return Backend("cuda", ops={"layer_norm": layer_norm, "momentum_update": momentum_update},
+            ops = {"layer_norm": layer_norm, "momentum_update": momentum_update}
+            return Backend("cuda", ops=ops, auto_checks=auto_checks(ops),
                            checks={"layer_norm": why_not_layer_norm, "momentum_update": why_not_momentum_update})
     from . import cuda_apex
     apex_backend = cuda_apex.load()
