@@ -220,7 +220,6 @@ def section_momentum_update(ctx: Dict[str, Any]) -> Dict[str, Any]:
     if reason is not None:
         rows["cuda"] = {"error": reason}
     out["results"] = rows
-    del params_m, params
     return out
 
 
