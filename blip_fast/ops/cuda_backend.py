@@ -44,8 +44,8 @@ def auto_checks(ops) -> dict:
         def why_not_auto(*args, **kwargs):
             if op in AUTO_OPS:
                 return None
-            return (f"auto takes the cuda backend's {op} only where measured faster (cuda_backend.AUTO_OPS; "
-                    f"not measured yet); use_backend('cuda') runs it")
+            return (f"auto runs {op} on the cuda backend only where a device run measured it faster "
+                    f"(cuda_backend.AUTO_OPS, benchmarks/RESULTS.md); use_backend('cuda') runs it")
         return why_not_auto
     return {op: check(op) for op in ops}
 
