@@ -33,9 +33,16 @@ MAX_N = 8192
 SCALAR_MAX_N = 4096
 
 #: The ops ``auto`` runs on this backend: only those measured faster than the backend auto would
-#: pick otherwise (never on a guess). None is recorded yet: until a device run of
-#: benchmarks/run_native_on_device.sh is, auto leaves both ops to the other backends.
-AUTO_OPS: FrozenSet[str] = frozenset()
+#: pick otherwise (never on a guess). Measured on an H100 (benchmarks/RESULTS.md, "Native CUDA
+#: extension"): the momentum update over BLIP_Pretrain's set 0.94 ms vs 1.66 ms for auto's
+#: previous choice (foreach mul + add) and 0.99 ms for ``torch._foreach_lerp_``; LayerNorm
+#: forward + backward eagerly 1.5-2.1x auto's previous choice (torch) at every BLIP shape, and
+#: under CUDA graphs faster than triton's at width 768 (0.051 vs 0.054 ms at 64x197 rows).
+AUTO_OPS: FrozenSet[str] = frozenset({"layer_norm", "momentum_update"})
+#: Under CUDA-graph capture or torch.compile, where host time does not count, triton's LayerNorm
+#: is faster at width 1024 (ViT-L: 0.063 vs 0.074 ms forward + backward): auto leaves wider rows
+#: to it there.
+AUTO_LAYER_NORM_MAX_N_CAPTURED = 768
 
 
 def auto_checks(ops) -> dict:
@@ -43,6 +50,10 @@ def auto_checks(ops) -> dict:
     def check(op):
         def why_not_auto(*args, **kwargs):
             if op in AUTO_OPS:
+                if op == "layer_norm" and args[0].shape[-1] > AUTO_LAYER_NORM_MAX_N_CAPTURED and (
+                        _compiling() or torch.cuda.is_current_stream_capturing()):
+                    return (f"width {args[0].shape[-1]} under CUDA graphs / compile: triton's LayerNorm "
+                            f"measured faster there")
                 return None
             return (f"auto runs {op} on the cuda backend only where a device run measured it faster "
                     f"(cuda_backend.AUTO_OPS, benchmarks/RESULTS.md); use_backend('cuda') runs it")
@@ -115,8 +126,31 @@ def momentum_update(params_m: Sequence[Tensor], params: Sequence[Tensor], moment
     if not params_m:
         return
     params = params if isinstance(params, list) else list(params)
+    _check_pairs(params_m, params)
     with torch.no_grad():
         _ops().momentum_update_(params_m, params, float(momentum))
+
+
+def _check_pairs(params_m: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    """Every pair the kernel cannot update, as a clear error before the launch. The extension
+    checks the same in C++, but on the device build (torch 2.11, CUDA 13) an error raised from its
+    C++ code crashes the process instead of reaching Python (benchmarks/RESULTS.md, "Native CUDA
+    extension"), so the Python side checks first (about 1 us per pair)."""
+    if len(params_m) != len(params):
+        raise ValueError(f"momentum_update: {len(params_m)} momentum parameters but {len(params)} online ones")
+    device = params_m[0].device
+    for i, (pm, p) in enumerate(zip(params_m, params)):
+        if pm.device != device or p.device != device:
+            raise ValueError(f"momentum_update: pair #{i} is on {pm.device} / {p.device}; every tensor must be on "
+                             f"{device}")
+        if pm.numel() != p.numel():
+            raise ValueError(f"momentum_update: pair #{i} has {pm.numel()} and {p.numel()} elements")
+        if not (pm.is_contiguous() and p.is_contiguous()):
+            raise ValueError(f"momentum_update: pair #{i} is not contiguous (the native kernel updates flat "
+                             f"storage in place); use another backend (e.g. blip_fast.use_backend('sdpa'))")
+        if pm.dtype not in _DTYPES or p.dtype not in _DTYPES:
+            raise ValueError(f"momentum_update: pair #{i} is {pm.dtype} / {p.dtype}; the native kernel takes "
+                             f"float32, bfloat16 or float16")
 
 
 # --------------------------------------------------------------------------------------------
