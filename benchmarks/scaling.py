@@ -26,6 +26,7 @@ Weak-scaling efficiency at N GPUs = per-GPU throughput at N / per-GPU throughput
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -110,6 +111,8 @@ def count_host_syncs(step) -> Optional[int]:
 def run_worker(args: argparse.Namespace) -> None:
     import blip_fast
     from blip_fast import parallel
+    from blip_fast.cuda_graph import DDP_CAPTURE_WARMUP
+    from blip_fast.train.graphed_step import GraphedForwardBackward
     from blip_fast.distributed import destroy_distributed, init_distributed, seed_everything
 
     from . import data, flops
@@ -119,6 +122,13 @@ def run_worker(args: argparse.Namespace) -> None:
 
     owns_group = not is_dist_avail_and_initialized()
     env = init_distributed(device=args.device)
+    if args.dump_stacks_after > 0:  # a hang shows where every rank waits (in the torchrun log)
+        faulthandler.dump_traceback_later(args.dump_stacks_after, exit=True)
+    t_begin = time.perf_counter()
+
+    def stage(name: str) -> None:
+        print(f"[rank {env.rank}] {name} at {time.perf_counter() - t_begin:.1f} s", file=sys.stderr, flush=True)
+
     device = env.device
     sizes = TINY if args.tiny else FULL
     vit = sizes.vit_large if args.vit == "large" else sizes.vit_base
@@ -132,17 +142,28 @@ def run_worker(args: argparse.Namespace) -> None:
     model.train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mp = None if args.dtype == "fp32" else args.dtype
-    wrapped = parallel.wrap_model(model, args.strategy, device, mixed_precision=mp, static_graph=args.static_graph)
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.05)
+    wrapped = parallel.wrap_model(model, args.strategy, device, mixed_precision=mp, static_graph=args.static_graph,
+                                  cuda_graph=args.cuda_graph)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
     seed_everything(0)  # per rank: dropout masks, hard-negative draws
     tokenizer = data.Tokenizer("auto")
     sets = data.image_text_sets(tokenizer, 4, args.batch, sizes.pretrain_image, sizes.pretrain_len, device,
                                 seed=1000 * (env.rank + 1))
-    state = {"i": 0}
+    state = {"i": 0, "graph": None}
 
     def step(sync: bool = True) -> None:
         image, text = sets[state["i"] % len(sets)]
         state["i"] += 1
+        if args.cuda_graph:  # forward + backward (all-reduce included) replayed; the optimiser eager
+            if state["graph"] is None:
+                state["graph"] = GraphedForwardBackward(wrapped, params, image, text, 0.4,
+                                                        lambda: parallel.autocast(device, mp),
+                                                        warmup=DDP_CAPTURE_WARMUP)
+                stage("graph captured")
+            state["graph"](image, text, 0.4)
+            optimizer.step()
+            return
         with parallel.grad_sync(wrapped, enabled=sync):
             with parallel.autocast(device, mp):
                 loss_ita, loss_itm, loss_lm = wrapped(image, text, alpha=0.4)
@@ -160,19 +181,25 @@ def run_worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         return times
 
+    stage("model built")
     t_start = time.perf_counter()
     timed(args.warmup)
     warmup_s = time.perf_counter() - t_start
+    stage("warm-up done")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = timed(args.steps)
-    no_sync_times = timed(args.no_sync_steps, sync=False) if args.strategy == "ddp" and env.world_size > 1 else []
+    # a captured step always all-reduces: no no_sync comparison (the profile shows exposed NCCL time)
+    no_sync_times = timed(args.no_sync_steps, sync=False) \
+        if args.strategy == "ddp" and env.world_size > 1 and not args.cuda_graph else []
+    stage("timed steps done")
     profile: Dict[str, float] = {}
     if device.type == "cuda" and args.profile_steps > 0:
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             timed(args.profile_steps)
         profile = comm_profile(prof.events(), args.profile_steps)
+    stage("profile done")
     host_syncs = count_host_syncs(step) if device.type == "cuda" else None
 
     median = statistics.median(times)
@@ -187,7 +214,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "strategy": args.strategy, "vit": args.vit, "world_size": env.world_size, "batch_per_gpu": args.batch,
         "global_batch": args.batch * env.world_size, "dtype": args.dtype, "backend": blip_fast.get_backend(),
         "image_size": sizes.pretrain_image, "queue_size": sizes.queue_size, "sizes": sizes.name,
-        "trainable_params": n_params, "static_graph": args.static_graph,
+        "trainable_params": n_params, "static_graph": args.static_graph, "cuda_graph": args.cuda_graph,
         "steps": args.steps, "warmup": args.warmup, "warmup_s": warmup_s,
         "median_step_s": median, "p90_step_s": p90, "step_times_s": times,
         "per_gpu_img_s": args.batch / median, "global_img_s": args.batch * env.world_size / median,
@@ -211,8 +238,13 @@ def run_worker(args: argparse.Namespace) -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}), flush=True)
+    # A graph holding captured collectives must go before its process group does (else the
+    # communicator's teardown waits on it forever).
+    state["graph"] = None
+    _sync(device)
     if owns_group:
         destroy_distributed()
+    faulthandler.cancel_dump_traceback_later()
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -239,7 +271,8 @@ def launch(n_procs: int, worker_args: List[str], log_path: str, timeout: float) 
 
 def efficiency_table(runs: List[Dict[str, Any]]) -> str:
     """Markdown: one row per run, weak-scaling efficiency against the 1-GPU run of its kind."""
-    base = {(r["strategy"], r["vit"]): r["per_gpu_img_s"] for r in runs if r.get("world_size") == 1 and "error" not in r}
+    kind = lambda r: (r["strategy"], r["vit"], bool(r.get("cuda_graph")))  # noqa: E731
+    base = {kind(r): r["per_gpu_img_s"] for r in runs if r.get("world_size") == 1 and "error" not in r}
     lines = ["| strategy | ViT | GPUs | batch/GPU | step (ms, median) | img/s per GPU | img/s total | weak-scaling eff. "
              "| no_sync step (ms) | NCCL ms/step (exposed) | slowest/fastest rank | host syncs/step | peak GiB "
              "| TFLOP/s per GPU |",
@@ -248,13 +281,14 @@ def efficiency_table(runs: List[Dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {r['strategy']} | {r['vit']} | {r['world_size']} | | failed: {r['error']} |" + " |" * 9)
             continue
-        eff = r["per_gpu_img_s"] / base[(r["strategy"], r["vit"])] if (r["strategy"], r["vit"]) in base else None
+        eff = r["per_gpu_img_s"] / base[kind(r)] if kind(r) in base else None
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         nccl = "" if "nccl_ms_per_step" not in r else \
             f"{r['nccl_ms_per_step']:.1f} ({r['exposed_nccl_ms_per_step']:.1f})"
         no_sync = r.get("no_sync_median_step_s")
         lines.append(
-            f"| {r['strategy']} | {r['vit']} | {r['world_size']} | {r['batch_per_gpu']} | {1e3 * r['median_step_s']:.1f} "
+            f"| {r['strategy']}{' + graph' if r.get('cuda_graph') else ''} | {r['vit']} | {r['world_size']} "
+            f"| {r['batch_per_gpu']} | {1e3 * r['median_step_s']:.1f} "
             f"| {r['per_gpu_img_s']:.1f} | {r['global_img_s']:.1f} | {fmt(eff, '.3f')} "
             f"| {fmt(None if no_sync is None else 1e3 * no_sync, '.1f')} | {nccl} | {r['straggler_ratio']:.3f} "
             f"| {fmt(r.get('host_syncs_per_step'), 'd')} | {fmt(r.get('peak_memory_gib'), '.1f')} "
@@ -271,7 +305,8 @@ def run_driver(args: argparse.Namespace) -> int:
     sizes = sorted({int(g) for g in args.gpus.split(",") if int(g) <= available})
     common = ["--device", args.device, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
               str(args.warmup), "--no-sync-steps", str(args.no_sync_steps), "--profile-steps",
-              str(args.profile_steps), "--dtype", args.dtype] + (["--tiny"] if args.tiny else []) \
+              str(args.profile_steps), "--dtype", args.dtype, "--dump-stacks-after", str(args.dump_stacks_after)] \
+        + (["--tiny"] if args.tiny else []) \
         + (["--backend", args.backend] if args.backend else [])
     plan = [("ddp", "base", n, args.batch) for n in sizes]
     if args.fsdp_vit != "none":
@@ -282,7 +317,8 @@ def run_driver(args: argparse.Namespace) -> int:
         json_path = os.path.join(args.out, name + ".json")
         if os.path.exists(json_path):
             os.remove(json_path)
-        worker_args = common + ["--strategy", strategy, "--vit", vit, "--json", json_path]
+        worker_args = common + ["--strategy", strategy, "--vit", vit, "--json", json_path] \
+            + (["--cuda-graph"] if args.cuda_graph and strategy == "ddp" else [])
         worker_args[worker_args.index("--batch") + 1] = str(batch)
         code, seconds = launch(n, worker_args, os.path.join(args.out, name + ".log"), args.timeout)
         if code == 0 and os.path.exists(json_path):
@@ -324,9 +360,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--backend", default=None, help="op backend (default: auto)")
     p.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="DDP runs: replay forward + backward (with the queue all-gathers and the gradient "
+                        "all-reduce) as one CUDA graph; the FSDP run stays eager")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny model sizes (CPU smoke test)")
     p.add_argument("--json", default="scaling.json", help="worker: where rank 0 writes its result")
+    p.add_argument("--dump-stacks-after", type=float, default=0.0,
+                   help="worker: print every thread's Python stack and exit after this many seconds (hangs)")
     return p.parse_args(argv)
 
 

@@ -13,8 +13,11 @@ What capture needs, checked up front with errors that say the fix:
 * values that change between steps are tensors (pass ``alpha`` as a 0-d CUDA tensor: a Python
   float is baked into the graph);
 * no host synchronisation inside the step (``blip_fast`` models have none: tests/test_gpu_parity.py
-  checks it), no distributed collectives (run graphs on one GPU per process without
-  ``torch.distributed`` gathers, or not at all);
+  checks it);
+* under ``torch.distributed`` (one GPU per process, NCCL >= 2.9.6): the step's collectives (queue
+  all-gathers, DDP's gradient all-reduce) are captured too. DDP must then be built on
+  :func:`capture_stream` (``wrap_model(..., cuda_graph=True)``) and run
+  :data:`DDP_CAPTURE_WARMUP` eager steps first, and every rank captures and replays the same graph;
 * random numbers come from torch's CUDA generator (dropout, ``torch.multinomial``), which CUDA
   graphs advance on every replay; a kernel that would draw a dropout seed on the host during
   capture (and so replay one mask forever) raises instead.
@@ -35,7 +38,27 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["CUDAGraphStep", "check_capturable_optimizer"]
+__all__ = ["CUDAGraphStep", "check_capturable_optimizer", "capture_stream", "DDP_CAPTURE_WARMUP"]
+
+# DDP settles its buckets and finishes its logging within its first 10 iterations; a capture must
+# come after them (PyTorch's notes on CUDA graphs with DistributedDataParallel).
+DDP_CAPTURE_WARMUP = 11
+
+_CAPTURE_STREAMS: dict = {}
+
+
+def capture_stream(device: torch.device | int | None = None) -> torch.cuda.Stream:
+    """The side stream on which graphs are warmed up and captured, one per device.
+
+    DDP creates its gradient hooks (AccumulateGrad nodes) on the stream current at construction;
+    built on this stream, its backward stays off the legacy default stream, which a capture may not
+    touch."""
+    index = torch.device("cuda", device).index if isinstance(device, int) else getattr(device, "index", None)
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _CAPTURE_STREAMS[index]
 
 
 def _flatten(obj: Any, path: str = "input") -> List[Tuple[str, Any]]:
@@ -75,8 +98,9 @@ class CUDAGraphStep:
             step, no ``zero_grad``) and returns tensors (the losses).
         *example_inputs: tensors (or :class:`~blip_fast.tokenizer.TokenizedText`, tuples of them,
             0-d tensors for changing scalars) with the shapes of every later call.
-        warmup: eager steps run on a side stream before capture (cuBLAS / autotuning / lazy
-            state such as optimiser moments are created there). They are real training steps.
+        warmup: eager steps run on :func:`capture_stream` before capture (cuBLAS / autotuning /
+            lazy state such as optimiser moments are created there). They are real training steps.
+            A step through DDP needs at least :data:`DDP_CAPTURE_WARMUP`.
         optimizer: the optimiser stepped inside ``step_fn``; checked for ``capturable=True``.
 
     Gradients: before capture every parameter's ``.grad`` is set to None, so the captured
@@ -105,6 +129,7 @@ class CUDAGraphStep:
                     f"{path} is a Python {type(leaf).__name__} ({leaf!r}): it would be baked into the graph. "
                     f"Fix: pass a 0-d CUDA tensor and update it in place (t.fill_(value)) before each call")
         self._step_fn = step_fn
+        self._device = next((leaf.device for _, leaf in leaves if isinstance(leaf, Tensor)), None)
         self._params = list(params) or ([p for g in optimizer.param_groups for p in g["params"]]
                                         if optimizer is not None else [])
         self._static_inputs = [(path, leaf.clone() if isinstance(leaf, Tensor) else leaf)
@@ -130,7 +155,7 @@ class CUDAGraphStep:
 
     def _capture(self, warmup: int) -> Any:
         args = self._static_args()
-        side = torch.cuda.Stream()
+        side = capture_stream(self._device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(max(1, warmup)):
@@ -141,7 +166,7 @@ class CUDAGraphStep:
         torch.cuda.synchronize()
         for p in self._params:
             p.grad = None
-        with torch.cuda.graph(self._graph):
+        with torch.cuda.graph(self._graph, stream=side):
             outputs = self._step_fn(*args)
         return outputs
 

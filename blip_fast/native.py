@@ -168,8 +168,27 @@ def build(source_dir: Optional[str] = None, build_dir: Optional[str] = None, out
         path = os.path.join(output_dir, LIBRARY_NAME)
         if not os.path.isfile(path):
             raise NativeBuildError(f"the build finished but {path} is missing")
+        if bundles_cxx_runtime(path):
+            raise NativeBuildError(
+                f"{path} carries its own copy of the C++ runtime (libstdc++ linked statically, e.g. by a compiler "
+                f"wrapper adding -static-libstdc++): next to libtorch's shared one, the first error message the "
+                f"library formats crashes the process. Fix: build with a compiler that links libstdc++.so "
+                f"(CXX=/usr/bin/g++), or remove -static-libstdc++ from the toolchain's flags")
         return path
     raise NativeBuildError("\n\n".join(errors))
+
+
+def bundles_cxx_runtime(path: str) -> bool:
+    """Whether the library defines libstdc++'s own internals (``std::locale``), i.e. links a static
+    copy of the C++ runtime. False when ``nm`` (binutils) is not available to look."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return False
+    for table in ([], ["-D"]):  # the full symbol table (absent once stripped), then the dynamic one
+        out = subprocess.run([nm, *table, "--defined-only", path], capture_output=True, text=True)
+        if any(line.split()[-1].startswith("_ZNSt6locale5_Impl") for line in out.stdout.splitlines() if line.strip()):
+            return True
+    return False
 
 
 def info() -> str:

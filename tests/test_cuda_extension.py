@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,22 @@ def test_layer_norm_checks_decline_what_the_kernels_do_not_take():
     assert "cpu" in cuda_backend.why_not_layer_norm(x, None, None, 1e-6)
     assert "online" in cuda_backend.why_not_momentum_update([x], [], 0.9)
     assert "CUDA" in cuda_backend.why_not_momentum_update([x], [x], 0.9)
+
+
+def _loaded_library(prefix: str) -> Optional[str]:
+    with open("/proc/self/maps") as maps:
+        return next((w for w in maps.read().split() if os.path.basename(w).startswith(prefix)), None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_build_check_recognises_a_library_that_carries_the_cxx_runtime():
+    """A build that linked libstdc++ statically is refused (its first formatted error message would
+    crash the process): the check finds libstdc++'s own internals in a library, not in libtorch's."""
+    runtime, c10 = _loaded_library("libstdc++.so"), _loaded_library("libc10.so")
+    if runtime is None or c10 is None:
+        pytest.skip("libstdc++ or libc10 not loaded from a file")
+    assert native.bundles_cxx_runtime(runtime)
+    assert not native.bundles_cxx_runtime(c10)
 
 
 def test_native_info_reports_an_unbuilt_library(monkeypatch):

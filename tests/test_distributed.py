@@ -207,6 +207,59 @@ def test_nccl_ddp_and_fsdp_match_one_gpu_over_the_global_batch():
     torch.testing.assert_close(bf16["losses"], results[0]["fsdp"]["losses"][0], rtol=0.05, atol=0.05)
 
 
+def _graphed_ddp_worker(rank, world):
+    """Three steps through DDP, eagerly and replayed as one CUDA graph (queue all-gathers and the
+    gradient all-reduce captured), from the same start and seeds."""
+    import contextlib
+
+    from blip_fast.cuda_graph import DDP_CAPTURE_WARMUP
+    from blip_fast.train.graphed_step import GraphedForwardBackward, forward_backward
+
+    device = torch.device("cuda", rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out = {}
+    for graphed in (False, True):
+        model = build(dropout=False, queue_size=10)
+        wrapped = parallel.wrap_model(model, "ddp", device, cuda_graph=graphed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        bdist.seed_everything(1)  # per rank: the hard-negative draws
+        graph, values = None, []
+        for step in range(3):
+            images, text, _ = shard(global_batch(step, 4), rank, world, device)
+            if graphed:
+                if graph is None:  # warm-up and capture leave no trace on the model or the generators
+                    graph = GraphedForwardBackward(wrapped, params, images, text, 0.4, contextlib.nullcontext,
+                                                   warmup=DDP_CAPTURE_WARMUP)
+                values.append(graph(images, text, 0.4))
+            else:
+                opt.zero_grad(set_to_none=True)
+                values.append(forward_backward(wrapped, params, images, text, 0.4, contextlib.nullcontext))
+            opt.step()
+        out[graphed] = {"values": torch.stack(values).cpu(), "params": flat(params).cpu(),
+                        "queue": model.image_queue.cpu(), "ptr": int(model.queue_ptr)}
+    return out
+
+
+@pytest.mark.gpu
+def test_nccl_ddp_step_replayed_as_a_cuda_graph_matches_eager():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = run_workers(_graphed_ddp_worker, 2, device="cuda", timeout=300)
+    for rank, out in enumerate(results):
+        eager, graph = out[False], out[True]
+        torch.testing.assert_close(graph["values"], eager["values"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
+        torch.testing.assert_close(graph["params"], eager["params"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
+        torch.testing.assert_close(graph["queue"], eager["queue"], rtol=1e-5, atol=1e-6, msg=f"rank {rank}")
+        assert graph["ptr"] == eager["ptr"] == 2  # 3 steps of global batch 4 into a queue of 10
+    assert torch.equal(results[0][True]["params"], results[1][True]["params"]), "graphed ranks diverged"
+
+
+def test_cuda_graph_wrapping_needs_ddp_on_a_gpu():
+    with pytest.raises(ValueError, match="cuda_graph=True needs strategy 'ddp' or 'none' on a CUDA device"):
+        parallel.wrap_model(build(), "none", "cpu", cuda_graph=True)
+
+
 # -- the original semantics (rank-local negatives): invariants --------------------------------------
 def _ddp_default_worker(rank, world, tmp):
     out = {}

@@ -132,10 +132,9 @@ def momentum_update(params_m: Sequence[Tensor], params: Sequence[Tensor], moment
 
 
 def _check_pairs(params_m: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-    """Every pair the kernel cannot update, as a clear error before the launch. The extension
-    checks the same in C++, but on the device build (torch 2.11, CUDA 13) an error raised from its
-    C++ code crashes the process instead of reaching Python (benchmarks/RESULTS.md, "Native CUDA
-    extension"), so the Python side checks first (about 1 us per pair)."""
+    """Every pair the kernel cannot update, as a clear error before the launch (about 1 us per
+    pair). The extension checks the same in C++; the Python side adds the backend-level fix to the
+    message."""
     if len(params_m) != len(params):
         raise ValueError(f"momentum_update: {len(params_m)} momentum parameters but {len(params)} online ones")
     device = params_m[0].device

@@ -26,7 +26,7 @@ def sync_module_state(model: nn.Module, src: int = 0) -> None:
 def wrap_model(model: nn.Module, strategy: str = "ddp", device: Union[str, torch.device, None] = None,
                mixed_precision: Optional[str] = None, *, static_graph: bool = False, bucket_cap_mb: float = 25.0,
                reshard_after_forward: bool = True, forward_prefetch: bool = True,
-               sync_module_states: bool = True, **ddp_kwargs: Any) -> nn.Module:
+               sync_module_states: bool = True, cuda_graph: bool = False, **ddp_kwargs: Any) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it for data-parallel training.
 
     Args:
@@ -42,6 +42,9 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", device: Union[str, torch
         reshard_after_forward, forward_prefetch: FSDP options (see :func:`apply_fsdp`).
         sync_module_states: first give every rank rank 0's weights, momentum weights and queues
             (so ranks seeded differently start identical).
+        cuda_graph: the training step will be captured in a CUDA graph with DDP's gradient
+            all-reduce inside it (see :mod:`blip_fast.cuda_graph`): DDP is built on the capture
+            stream. Not available with FSDP, whose collectives are issued from host-side hooks.
 
     DDP is built with ``find_unused_parameters=False``: every trainable parameter of the BLIP
     models receives a gradient each step (the momentum encoders are frozen, so DDP ignores them),
@@ -56,6 +59,9 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", device: Union[str, torch
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if cuda_graph and (strategy == "fsdp" or device.type != "cuda"):
+        raise ValueError(f"cuda_graph=True needs strategy 'ddp' or 'none' on a CUDA device, got {strategy!r} on "
+                         f"{device}. Fix: run FSDP (or the CPU) eagerly, cuda_graph=False")
     if strategy != "none" and not is_dist_avail_and_initialized():
         raise RuntimeError(f"strategy={strategy!r} needs an initialised process group: call "
                            f"blip_fast.distributed.init_distributed() first (launch with torchrun), "
@@ -66,6 +72,14 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", device: Union[str, torch
     if sync_module_states and get_world_size() > 1:
         sync_module_state(model)
     if strategy == "ddp":
+        if cuda_graph:
+            from ..cuda_graph import capture_stream
+            stream = capture_stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                wrapped = _wrap_ddp(model, device, static_graph, bucket_cap_mb, **ddp_kwargs)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            return wrapped
         return _wrap_ddp(model, device, static_graph, bucket_cap_mb, **ddp_kwargs)
     return apply_fsdp(model, mp_dtype, reshard_after_forward=reshard_after_forward,
                       forward_prefetch=forward_prefetch)

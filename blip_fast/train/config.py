@@ -70,7 +70,7 @@ class PretrainConfig:
 
     # -- precision and robustness --------------------------------------------------------------
     amp: str = "none"               #: 'none' (float32) or 'bf16' (autocast, float32 weights)
-    cuda_graph: bool = False        #: replay forward + backward as one CUDA graph (one GPU, no vit_grad_ckpt)
+    cuda_graph: bool = False        #: replay forward + backward (+ DDP all-reduce) as one CUDA graph (no vit_grad_ckpt)
     nonfinite_patience: int = 5     #: stop after this many non-finite steps in a row
 
     # -- evaluation during training -------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..cuda_graph import DDP_CAPTURE_WARMUP
 from ..data import normalize_images
 from ..evaluation.retrieval import evaluate_retrieval, format_metrics
 from ..models.blip import load_checkpoint
@@ -155,23 +156,20 @@ class PretrainJob:
         self.resumed_from = resume_path
         if state is not None:
             self._load_state(state, resume_path)
-        self.ddp_model = wrap_for_distributed(self.model, rt)
+        if cfg.cuda_graph:
+            self._check_cuda_graph()
+        self.ddp_model = wrap_for_distributed(self.model, rt, cuda_graph=cfg.cuda_graph)
         if state is None:
             seed_everything(cfg.seed, per_rank=True)  # seed + rank: per-rank dropout and negatives (original)
         self._stop_requested = False
         self._fault_nan = {int(s) for s in cfg.fault_injection.get("nan_steps", [])}
         self._fault_sleep = float(cfg.fault_injection.get("step_sleep", 0.0))
         self._graphed: Optional[GraphedForwardBackward] = None
-        if cfg.cuda_graph:
-            self._check_cuda_graph()
 
     def _check_cuda_graph(self) -> None:
         problem = None
         if self.device.type != "cuda":
             problem = f"it needs a CUDA device, the job runs on {self.device}"
-        elif self.rt.distributed:
-            problem = ("the step's queue all-gathers and DDP's gradient all-reduce cannot be captured; "
-                       "multi-GPU runs are eager")
         elif self.cfg.vit_grad_ckpt:
             problem = "activation checkpointing (vit_grad_ckpt) is not captured; turn one of them off"
         if problem:
@@ -258,7 +256,9 @@ class PretrainJob:
         self.queue_guard.save()
         if self.cfg.cuda_graph:  # gradients live in the graph's buffers: never set them to None
             if self._graphed is None:
-                self._graphed = GraphedForwardBackward(self.model, self.params, images, text, alpha, self._autocast)
+                self._graphed = GraphedForwardBackward(
+                    self.ddp_model, self.params, images, text, alpha, self._autocast,
+                    warmup=DDP_CAPTURE_WARMUP if self.rt.distributed else 2)
             values = self._graphed(images, text, alpha)
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -485,7 +485,11 @@ def _atomic_link_or_copy(src: str, dst: str) -> None:
 def run_pretrain(cfg: PretrainConfig, output_dir: str, device: Optional[str] = None, resume: str = "") -> JobResult:
     """Run the job in this process (torchrun: one per rank). Returns a :class:`JobResult`."""
     rt = init_runtime(device)
+    job = None
     try:
-        return PretrainJob(cfg, output_dir, rt, resume).run()
+        job = PretrainJob(cfg, output_dir, rt, resume)
+        return job.run()
     finally:
+        if job is not None:
+            job._graphed = None  # a graph's captured collectives must not outlive the process group
         shutdown(rt)

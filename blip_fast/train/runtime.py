@@ -45,11 +45,12 @@ def barrier(rt: Runtime) -> None:
         bdist.barrier()
 
 
-def wrap_for_distributed(model: nn.Module, rt: Runtime) -> nn.Module:
+def wrap_for_distributed(model: nn.Module, rt: Runtime, cuda_graph: bool = False) -> nn.Module:
     """The model as the training step calls it: DDP across ranks (rank 0's weights, momentum
     weights and queues given to every rank first; no per-step buffer broadcast, as the queues are
-    filled identically on every rank), the model itself on one."""
-    return wrap_model(model, "ddp" if rt.distributed else "none", rt.device)
+    filled identically on every rank), the model itself on one. ``cuda_graph``: DDP is built so
+    that its gradient all-reduce can be captured with the step."""
+    return wrap_model(model, "ddp" if rt.distributed else "none", rt.device, cuda_graph=cuda_graph)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
