@@ -1,0 +1,225 @@
+"""Where the BLIP_Pretrain training step's GPU time goes: kernel time by category, against the
+measured ceilings (bf16 matmul rate, copy bandwidth).
+
+    PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --out $OUT/profile            # graphed step
+    PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --eager --out $OUT/profile    # eager step
+    PYTHONPATH=. python -m benchmarks.profile_step --batch 256 --activation-checkpointing --eager --steps 3 \\
+        --no-profile --out $OUT/b256                                                     # does it fit?
+
+The step is the benchmark suite's ``pretrain`` row: ViT-B/16 at 224, queue 57600, 30-token captions,
+bf16 autocast, the ``auto`` backend, AdamW (``capturable=True`` inside the graph). The profile runs
+``--steps`` steps under ``torch.profiler`` and sums every CUDA kernel's duration by category (first
+matching pattern of :data:`CATEGORIES` on the kernel's name); ``busy`` is the union of kernel
+intervals, so ``step - busy`` is time the GPU waited for the host. Writes ``profile.json`` and
+``profile.md`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+CATEGORIES: Sequence[Tuple[str, str]] = (
+    ("nccl", r"nccl"),
+    ("attention", r"attn|fmha|flash|cudnn|sdpa|softmax_warp"),
+    ("layer_norm", r"_ln_|layer_norm|layernorm"),
+    ("gelu", r"gelu"),
+    ("cross_entropy", r"_ce_|cross_entropy|log_softmax|nll_loss"),
+    ("optimizer_and_ema", r"multi_tensor|adam|momentum_update|lerp"),
+    ("gemm", r"gemm|cutlass|nvjet|xmma|cublas|wgmma|splitk|sm90_|sm80_"),
+    ("copy_fill", r"memcpy|memset|copy_kernel|fill_kernel|cat_|catarray"),
+    ("elementwise_reduce", r"elementwise|vectorized|unrolled|reduce|index|scatter|gather|where|dropout|triton"),
+)
+
+
+def categorize(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in CATEGORIES:
+        if re.search(pattern, lowered):
+            return category
+    return "other"
+
+
+def attention_flops_per_step(batch: int, vit_depth: int, vit_heads: int, n_img: int, head_dim: int,
+                             text_depth: int, text_heads: int, length: int) -> float:
+    """Attention matmul FLOPs (QK^T and PV, fwd x1, fwd+bwd x3) of one BLIP_Pretrain step."""
+    from . import flops
+    a = flops.attention_flops
+    vit = vit_depth * (a(batch, vit_heads, n_img, n_img, head_dim, True) + a(batch, vit_heads, n_img, n_img,
+                                                                               head_dim, False))
+    text_self = text_depth * (a(batch, text_heads, length, length, head_dim, True)  # ITC text encoder
+                              + a(batch, text_heads, length, length, head_dim, False)  # momentum
+                              + a(3 * batch, text_heads, length, length, head_dim, True)  # ITM
+                              + a(batch, text_heads, length, length, head_dim, True))  # decoder
+    cross = text_depth * (a(3 * batch, text_heads, length, n_img, head_dim, True)
+                          + a(batch, text_heads, length, n_img, head_dim, True))
+    return vit + text_self + cross
+
+
+def shared_kv_flops_saved(batch: int, n_img: int, vit_width: int, text_width: int, layers: int) -> float:
+    """FLOPs of the original's work that the fast path does not do: the image tokens' cross-attention
+    keys and values are projected once per layer for the batch's B images (forward and backward)
+    instead of for the 3B ITM rows and the B decoder rows."""
+    kv_macs = 2 * n_img * vit_width * text_width  # K and V, one image
+    return 2.0 * 3 * (4 * batch - batch) * kv_macs * layers
+
+
+def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy (read + write counted)."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n_bytes / statistics.median(times) / 1e9
+
+
+def build_step(args: argparse.Namespace, device: torch.device):
+    """The suite's pretrain workload, set up for ``args``; returns (workload, inputs)."""
+    from . import workloads
+    from .config import FULL
+    from .data import Tokenizer
+
+    ctx = workloads.Context(device=device, sizes=FULL, tokenizer=Tokenizer("auto"), seed=0)
+    ctx.checkpointing = args.activation_checkpointing
+    work = workloads.PretrainStep(ctx)
+    work.ensure_setup()
+    work.dtype = "bf16"
+    work.execution = "eager" if args.eager else "graph"
+    work.begin_case()
+    inputs = work.make_inputs(args.batch, 1)[0]
+    return work, inputs
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--eager", action="store_true", help="the eager step instead of the CUDA-graph replay")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute every ViT block and BERT layer in backward")
+    p.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-profile", action="store_true", help="time and measure memory only")
+    p.add_argument("--out", default="profile_out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    from . import flops, timing
+    from .config import FULL
+
+    os.makedirs(args.out, exist_ok=True)
+    result: Dict[str, Any] = {"batch": args.batch, "execution": "eager" if args.eager else "graph",
+                              "activation_checkpointing": args.activation_checkpointing, "dtype": "bf16",
+                              "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                              "date": time.strftime("%Y-%m-%d")}
+    result["matmul_tflops"] = timing.matmul_rate(device)["tflops"]
+    result["copy_gb_s"] = copy_bandwidth(device)
+    work, inputs = build_step(args, device)
+    for _ in range(args.warmup):
+        work.step(inputs)
+    torch.cuda.synchronize(device)
+    times = []  # peak memory: over the whole run, capture included (a graph's pool is allocated then)
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        work.step(inputs)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    s = FULL
+    total_flops = flops.pretrain_step_flops(s.vit_base_dims, s.text_dims, s.pretrain_image, s.pretrain_len,
+                                            args.batch, s.queue_size)["total"]
+    result.update(step_ms=1e3 * step_s, img_s=args.batch / step_s, peak_memory_gib=torch.cuda.max_memory_allocated(
+        device) / 2 ** 30, flops_per_step=total_flops, tflops=total_flops / step_s / 1e12)
+    result["mfu"] = result["tflops"] / result["matmul_tflops"]
+    if not args.no_profile:
+        result.update(profile(work, inputs, args.steps, device))
+        attn = attention_flops_per_step(args.batch, s.vit_base_dims.depth, s.vit_base_heads,
+                                        flops.vit_tokens(s.pretrain_image, s.vit_base_dims.patch),
+                                        s.attn_head_dim, s.text_dims.layers, s.text_heads, s.pretrain_len)
+        saved = shared_kv_flops_saved(args.batch, flops.vit_tokens(s.pretrain_image, s.vit_base_dims.patch),
+                                      s.vit_base_dims.width, s.text_dims.width, s.text_dims.layers)
+        result["shared_kv_flops_saved"] = saved
+        cats = result["categories_ms"]
+        if cats.get("gemm"):  # the matmul work the fast path really runs
+            result["gemm_tflops"] = (total_flops - attn - saved) / (cats["gemm"] * 1e-3) / 1e12
+        if cats.get("attention"):
+            result["attention_tflops"] = attn / (cats["attention"] * 1e-3) / 1e12
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(args.out, "profile.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+def profile(work: Any, inputs: Any, steps: int, device: torch.device) -> Dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from .scaling import _interval_union, _length
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            work.step(inputs)
+        torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - t0) / steps
+    per_cat: Dict[str, float] = {}
+    per_kernel: Dict[str, float] = {}
+    spans = []
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        dur = (evt.time_range.end - evt.time_range.start) / 1e3  # us -> ms
+        cat = categorize(evt.name)
+        per_cat[cat] = per_cat.get(cat, 0.0) + dur
+        per_kernel[evt.name] = per_kernel.get(evt.name, 0.0) + dur
+        spans.append((evt.time_range.start, evt.time_range.end))
+    busy = _length(_interval_union(spans)) / 1e3 / steps
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return {"profiled_step_ms": 1e3 * wall, "busy_ms": busy,
+            "categories_ms": {k: v / steps for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(name[:160], v / steps) for name, v in top]}
+
+
+def markdown(r: Dict[str, Any]) -> str:
+    lines = [f"BLIP_Pretrain step, batch {r['batch']}, {r['execution']}, bf16"
+             f"{', activation checkpointing' if r['activation_checkpointing'] else ''} on {r['device']}: "
+             f"{r['step_ms']:.1f} ms, {r['img_s']:.1f} img/s, {r['tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% of "
+             f"the measured {r['matmul_tflops']:.0f} TFLOP/s bf16 matmul rate; peak memory "
+             f"{r['peak_memory_gib']:.2f} GiB; copy bandwidth {r['copy_gb_s']:.0f} GB/s"]
+    if "categories_ms" in r:
+        lines += ["", f"GPU busy {r['busy_ms']:.1f} ms of a {r['profiled_step_ms']:.1f} ms profiled step", "",
+                  "| category | ms per step | % of busy |", "|---|---:|---:|"]
+        for cat, ms in r["categories_ms"].items():
+            lines.append(f"| {cat} | {ms:.2f} | {100 * ms / r['busy_ms']:.1f}% |")
+        if "gemm_tflops" in r:
+            lines.append(f"\nGEMMs: {r['gemm_tflops']:.0f} TFLOP/s on the matmul work the fast path runs "
+                         f"({100 * r['gemm_tflops'] / r['matmul_tflops']:.0f}% of the square-matmul rate)")
+        if "attention_tflops" in r:
+            lines.append(f"attention kernels: {r['attention_tflops']:.0f} TFLOP/s")
+        lines += ["", "| top kernels | ms per step |", "|---|---:|"]
+        lines += [f"| `{name[:110]}` | {ms:.2f} |" for name, ms in r["top_kernels_ms"][:15]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
