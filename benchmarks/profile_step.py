@@ -3,6 +3,7 @@ measured ceilings (bf16 matmul rate, copy bandwidth).
 
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --out $OUT/profile            # graphed step
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --eager --out $OUT/profile    # eager step
+    PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --by-source --out $OUT/profile  # + which line
     PYTHONPATH=. python -m benchmarks.profile_step --batch 256 --activation-checkpointing --eager --steps 3 \\
         --no-profile --out $OUT/b256                                                     # does it fit?
 
@@ -115,6 +116,9 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-profile", action="store_true", help="time and measure memory only")
+    p.add_argument("--by-source", action="store_true",
+                   help="also profile eager steps with Python stacks and charge each kernel to the blip_fast "
+                        "line that launched it")
     p.add_argument("--out", default="profile_out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -162,6 +166,8 @@ def main(argv: List[str] = None) -> int:
             result["gemm_tflops"] = (total_flops - attn - saved) / (cats["gemm"] * 1e-3) / 1e12
         if cats.get("attention"):
             result["attention_tflops"] = attn / (cats["attention"] * 1e-3) / 1e12
+    if args.by_source:
+        result["by_source"] = profile_by_source(work, inputs, max(2, args.steps // 2), device)
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
@@ -200,6 +206,63 @@ def profile(work: Any, inputs: Any, steps: int, device: torch.device) -> Dict[st
             "top_kernels_ms": [(name[:160], v / steps) for name, v in top]}
 
 
+def _source_frame(evt: Any, package: str) -> str:
+    """The innermost Python frame inside ``package`` that led to ``evt`` (walking up its parent
+    ops), as ``package/path.py(line): function``; ``"(outside <package>)"`` when none did."""
+    marker = package + "/"
+    node = evt
+    while node is not None:
+        for frame in getattr(node, "stack", None) or ():
+            at = frame.replace("\\", "/").rfind(marker)
+            if at >= 0:
+                return frame[at:]
+        node = getattr(node, "cpu_parent", None)
+    return f"(outside {package})"
+
+
+def attribute_by_source(events: Sequence[Any], steps: int, package: str = "blip_fast",
+                        device: bool = True) -> List[Tuple[str, str, float, int]]:
+    """``[(category, source line, ms per step, launches per step)]``, largest first: every CUDA
+    kernel's time (``device=False``: every ``aten::`` op's own CPU time) charged to the line of
+    ``package`` whose call launched it. Needs a profile taken with ``with_stack=True`` and the
+    verbose experimental config (see :func:`profile_by_source`)."""
+    totals: Dict[Tuple[str, str], List[float]] = {}
+    for evt in events:
+        if device:
+            items = [(k.name, k.duration) for k in getattr(evt, "kernels", None) or ()]
+        else:
+            items = [(evt.name, evt.self_cpu_time_total)] if evt.name.startswith("aten::") else []
+        if not items:
+            continue
+        frame = _source_frame(evt, package)
+        for name, us in items:
+            entry = totals.setdefault((categorize(name), frame), [0.0, 0])
+            entry[0] += us
+            entry[1] += 1
+    rows = [(cat, frame, us / 1e3 / steps, round(n / steps)) for (cat, frame), (us, n) in totals.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def profile_by_source(work: Any, inputs: Any, steps: int, device: torch.device) -> List[Tuple[str, str, float, int]]:
+    """Eager steps under the profiler with Python stacks: where each kernel was launched from (a
+    replayed graph has no launching ops to charge, so this runs the eager step: the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    execution, work.execution = work.execution, "eager"
+    try:
+        work.step(inputs)
+        torch.cuda.synchronize(device)
+        config = torch._C._profiler._ExperimentalConfig(verbose=True)
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                           experimental_config=config) as prof:
+            for _ in range(steps):
+                work.step(inputs)
+            torch.cuda.synchronize(device)
+    finally:
+        work.execution = execution
+    return attribute_by_source(prof.events(), steps)
+
+
 def markdown(r: Dict[str, Any]) -> str:
     lines = [f"BLIP_Pretrain step, batch {r['batch']}, {r['execution']}, bf16"
              f"{', activation checkpointing' if r['activation_checkpointing'] else ''} on {r['device']}: "
@@ -218,6 +281,10 @@ def markdown(r: Dict[str, Any]) -> str:
             lines.append(f"attention kernels: {r['attention_tflops']:.0f} TFLOP/s")
         lines += ["", "| top kernels | ms per step |", "|---|---:|"]
         lines += [f"| `{name[:110]}` | {ms:.2f} |" for name, ms in r["top_kernels_ms"][:15]]
+    if r.get("by_source"):
+        lines += ["", "Eager step, kernel time by the line that launched it:", "",
+                  "| category | source | ms per step | kernels per step |", "|---|---|---:|---:|"]
+        lines += [f"| {cat} | `{src}` | {ms:.2f} | {n} |" for cat, src, ms, n in r["by_source"][:40]]
     return "\n".join(lines)
 
 

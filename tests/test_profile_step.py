@@ -46,3 +46,23 @@ def test_shared_kv_saving_is_three_of_four_kv_projections():
     saved = profile_step.shared_kv_flops_saved(1, 197, 768, 768, 12)
     assert saved == pytest.approx(2 * 3 * 3 * (2 * 197 * 768 * 768) * 12)
     assert 49e9 < saved < 51e9
+
+
+def test_kernel_time_is_charged_to_the_blip_fast_line_that_launched_it():
+    """CPU stand-in for the GPU attribution: the ViT block's ops are charged to blip_fast's lines."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import blip_fast
+    from blip_fast.models.vit import Block
+
+    block = Block(dim=32, num_heads=4, mlp_ratio=2.0, qkv_bias=True)
+    x = torch.randn(2, 5, 32)
+    config = torch._C._profiler._ExperimentalConfig(verbose=True)
+    with blip_fast.use_backend("reference"), \
+            profile(activities=[ProfilerActivity.CPU], with_stack=True, experimental_config=config) as prof:
+        block(x).sum().backward()
+    rows = profile_step.attribute_by_source(prof.events(), steps=1, device=False)
+    sources = {src for _, src, _, _ in rows}
+    assert any(src.startswith("blip_fast/models/vit.py(") for src in sources), sources
+    assert all(ms >= 0 for _, _, ms, _ in rows) and rows == sorted(rows, key=lambda r: -r[2])
