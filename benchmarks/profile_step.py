@@ -4,6 +4,8 @@ measured ceilings (bf16 matmul rate, copy bandwidth).
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --out $OUT/profile            # graphed step
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --eager --out $OUT/profile    # eager step
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --by-source --out $OUT/profile  # + which line
+    PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --compile --out $OUT/profile  # Inductor, graphed
+    PYTHONPATH=. python -m benchmarks.profile_step --device cpu --tiny --eager --batch 2 --steps 1  # smoke test
     PYTHONPATH=. python -m benchmarks.profile_step --batch 256 --activation-checkpointing --eager --steps 3 \\
         --no-profile --out $OUT/b256                                                     # does it fit?
 
@@ -73,35 +75,36 @@ def shared_kv_flops_saved(batch: int, n_img: int, vit_width: int, text_width: in
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
-    """GB/s of a device-to-device copy (read + write counted)."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    """GB/s of a copy within ``device``'s memory (read + write counted)."""
+    from .timing import time_step
+
+    src = torch.empty(n_bytes if device.type == "cuda" else n_bytes // 16, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n_bytes / statistics.median(times) / 1e9
+    seconds = statistics.median(time_step(lambda: dst.copy_(src), device)["ms"] for _ in range(10)) / 1e3
+    return 2 * src.numel() / seconds / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_step(args: argparse.Namespace, device: torch.device):
     """The suite's pretrain workload, set up for ``args``; returns (workload, inputs)."""
     from . import workloads
-    from .config import FULL
+    from .config import FULL, TINY
     from .data import Tokenizer
 
-    ctx = workloads.Context(device=device, sizes=FULL, tokenizer=Tokenizer("auto"), seed=0)
+    ctx = workloads.Context(device=device, sizes=TINY if args.tiny else FULL, tokenizer=Tokenizer("auto"), seed=0)
     ctx.checkpointing = args.activation_checkpointing
     work = workloads.PretrainStep(ctx)
     work.ensure_setup()
     work.dtype = "bf16"
-    work.execution = "eager" if args.eager else "graph"
+    work.execution = ("compile" if args.compile else "eager") if args.eager else \
+        ("compile+graph" if args.compile else "graph")
+    work.compile_mode = args.compile_mode
     work.begin_case()
     inputs = work.make_inputs(args.batch, 1)[0]
     return work, inputs
@@ -115,43 +118,54 @@ def main(argv: List[str] = None) -> int:
                    help="recompute every ViT block and BERT layer in backward")
     p.add_argument("--steps", type=int, default=10, help="timed (and profiled) steps")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (Inductor fuses the elementwise work); graphed unless --eager")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
     p.add_argument("--no-profile", action="store_true", help="time and measure memory only")
     p.add_argument("--by-source", action="store_true",
                    help="also profile eager steps with Python stacks and charge each kernel to the blip_fast "
                         "line that launched it")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a smoke test of the script (eager, no kernel profile)")
+    p.add_argument("--tiny", action="store_true", help="the suite's tiny sizes (with --device cpu)")
     p.add_argument("--out", default="profile_out")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: run on a GPU machine, or pass --device cpu --tiny --eager for a smoke test")
         return 2
-    device = torch.device("cuda")
+    if device.type == "cpu" and not args.eager:
+        p.error("--device cpu needs --eager (CUDA graphs need a GPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
     from . import flops, timing
-    from .config import FULL
+    from .config import FULL, TINY
 
     os.makedirs(args.out, exist_ok=True)
-    result: Dict[str, Any] = {"batch": args.batch, "execution": "eager" if args.eager else "graph",
+    result: Dict[str, Any] = {"batch": args.batch, "execution": ("eager" if args.eager else "graph")
+                              + ("+compile" if args.compile else ""),
                               "activation_checkpointing": args.activation_checkpointing, "dtype": "bf16",
-                              "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%d")}
-    result["matmul_tflops"] = timing.matmul_rate(device)["tflops"]
+    result["matmul_tflops"] = timing.matmul_rate(device, n=8192 if device.type == "cuda" else 512)["tflops"]
     result["copy_gb_s"] = copy_bandwidth(device)
     work, inputs = build_step(args, device)
     for _ in range(args.warmup):
         work.step(inputs)
-    torch.cuda.synchronize(device)
+    _sync(device)
     times = []  # peak memory: over the whole run, capture included (a graph's pool is allocated then)
     for _ in range(args.steps):
         t0 = time.perf_counter()
         work.step(inputs)
-        torch.cuda.synchronize(device)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    s = FULL
+    s = TINY if args.tiny else FULL
     total_flops = flops.pretrain_step_flops(s.vit_base_dims, s.text_dims, s.pretrain_image, s.pretrain_len,
                                             args.batch, s.queue_size)["total"]
-    result.update(step_ms=1e3 * step_s, img_s=args.batch / step_s, peak_memory_gib=torch.cuda.max_memory_allocated(
-        device) / 2 ** 30, flops_per_step=total_flops, tflops=total_flops / step_s / 1e12)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    result.update(step_ms=1e3 * step_s, img_s=args.batch / step_s, peak_memory_gib=peak, flops_per_step=total_flops,
+                  tflops=total_flops / step_s / 1e12)
     result["mfu"] = result["tflops"] / result["matmul_tflops"]
     if not args.no_profile:
         result.update(profile(work, inputs, args.steps, device))
@@ -181,12 +195,13 @@ def profile(work: Any, inputs: Any, steps: int, device: torch.device) -> Dict[st
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from .scaling import _interval_union, _length
-    torch.cuda.synchronize(device)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             work.step(inputs)
-        torch.cuda.synchronize(device)
+        _sync(device)
     wall = (time.perf_counter() - t0) / steps
     per_cat: Dict[str, float] = {}
     per_kernel: Dict[str, float] = {}
@@ -249,31 +264,33 @@ def profile_by_source(work: Any, inputs: Any, steps: int, device: torch.device) 
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     execution, work.execution = work.execution, "eager"
+    gpu = device.type == "cuda"
     try:
         work.step(inputs)
-        torch.cuda.synchronize(device)
+        _sync(device)
         config = torch._C._profiler._ExperimentalConfig(verbose=True)
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
-                           experimental_config=config) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with torch_profile(activities=activities, with_stack=True, experimental_config=config) as prof:
             for _ in range(steps):
                 work.step(inputs)
-            torch.cuda.synchronize(device)
+            _sync(device)
     finally:
         work.execution = execution
-    return attribute_by_source(prof.events(), steps)
+    return attribute_by_source(prof.events(), steps, device=gpu)
 
 
 def markdown(r: Dict[str, Any]) -> str:
     lines = [f"BLIP_Pretrain step, batch {r['batch']}, {r['execution']}, bf16"
              f"{', activation checkpointing' if r['activation_checkpointing'] else ''} on {r['device']}: "
-             f"{r['step_ms']:.1f} ms, {r['img_s']:.1f} img/s, {r['tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% of "
-             f"the measured {r['matmul_tflops']:.0f} TFLOP/s bf16 matmul rate; peak memory "
-             f"{r['peak_memory_gib']:.2f} GiB; copy bandwidth {r['copy_gb_s']:.0f} GB/s"]
+             f"{r['step_ms']:.1f} ms, {r['img_s']:.1f} img/s, {r['tflops']:.3g} TFLOP/s = {100 * r['mfu']:.1f}% of "
+             f"the measured {r['matmul_tflops']:.3g} TFLOP/s bf16 matmul rate; peak memory "
+             + ("n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB")
+             + f"; copy bandwidth {r['copy_gb_s']:.0f} GB/s"]
     if "categories_ms" in r:
-        lines += ["", f"GPU busy {r['busy_ms']:.1f} ms of a {r['profiled_step_ms']:.1f} ms profiled step", "",
+        lines += ["", f"kernels busy {r['busy_ms']:.1f} ms of a {r['profiled_step_ms']:.1f} ms profiled step", "",
                   "| category | ms per step | % of busy |", "|---|---:|---:|"]
         for cat, ms in r["categories_ms"].items():
-            lines.append(f"| {cat} | {ms:.2f} | {100 * ms / r['busy_ms']:.1f}% |")
+            lines.append(f"| {cat} | {ms:.2f} | {100 * ms / max(r['busy_ms'], 1e-9):.1f}% |")
         if "gemm_tflops" in r:
             lines.append(f"\nGEMMs: {r['gemm_tflops']:.0f} TFLOP/s on the matmul work the fast path runs "
                          f"({100 * r['gemm_tflops'] / r['matmul_tflops']:.0f}% of the square-matmul rate)")

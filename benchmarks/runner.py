@@ -85,7 +85,8 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                    help="also (or only) time every model wrapped in torch.compile; rows get impl '<impl>+compile'")
     p.add_argument("--cuda-graph", choices=["off", "also", "only"], default="off",
                    help="also (or only) replay whole training steps from a CUDA graph where the workload "
-                        "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph'")
+                        "supports it (blip_fast.cuda_graph.CUDAGraphStep); rows get impl '<impl>+graph' (with "
+                        "--compile also '<impl>+compile+graph': the compiled model captured)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="build the pretraining models with every ViT block and BERT layer checkpointed")
     p.add_argument("--compile-mode", default=None,
@@ -366,15 +367,19 @@ class Runner:
         return ["fp32"]
 
     def execution_variants(self, w: Workload, backend: Optional[str]) -> List[str]:
-        """How each case runs: "eager", "compile" (``--compile``) and/or "graph" (``--cuda-graph``).
+        """How each case runs: "eager", "compile" (``--compile``), "graph" (``--cuda-graph``) and, with
+        both, "compile+graph".
         The reference path always runs eagerly, as the original does."""
         if backend == "reference":
             return ["eager"]
         out = ["eager"] if self.args.compile != "only" and self.args.cuda_graph != "only" else []
         if self.args.compile != "off" and w.supports_compile:
             out.append("compile")
-        if self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda":
+        graphs = self.args.cuda_graph != "off" and w.supports_graph and self.device.type == "cuda"
+        if graphs:
             out.append("graph")
+        if graphs and self.args.compile != "off" and w.supports_compile:
+            out.append("compile+graph")  # Inductor's fused kernels, replayed as one graph
         return out or ["eager"]
 
     def plan(self) -> List[Tuple[str, List[Tuple[Workload, Optional[str], str, int, str]]]]:

@@ -68,7 +68,13 @@ class Workload:
 
     @property
     def compiled(self) -> bool:
-        return self.execution == "compile"
+        return self.execution in ("compile", "compile+graph")
+
+    @property
+    def graphed(self) -> bool:
+        """The whole step replayed from a CUDA graph ("graph"; "compile+graph": the graph captures
+        the torch.compile'd model's kernels)."""
+        return self.execution in ("graph", "compile+graph")
 
     @property
     def execution_suffix(self) -> str:
@@ -226,7 +232,7 @@ class PretrainStep(Workload):
 
     def step(self, inputs: Any) -> None:
         image, text = inputs
-        if self.execution == "graph":
+        if self.graphed:
             self._graphed(image, text)
             return
         self.optimizer.zero_grad(set_to_none=True)
@@ -246,7 +252,7 @@ class PretrainStep(Workload):
 
         if getattr(self, "graphs", None) is None:
             self.graphs = {}
-        key = (tuple(image.shape), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+        key = (tuple(image.shape), self.dtype, blip_fast.ops.get_backend(), _dispatch_order(), self.execution)
         if key not in self.graphs:
             self.graphs.clear()  # one captured step (and its memory pool) at a time
             if getattr(self, "graph_optimizer", None) is None:
@@ -379,10 +385,10 @@ class EncoderWorkload(Workload):
         out.float().mean().backward()
 
     def step(self, x: Any) -> None:
-        if self.backward and self.execution == "graph":
+        if self.backward and self.graphed:
             from blip_fast.cuda_graph import CUDAGraphStep
 
-            key = (_shapes(x), self.dtype, blip_fast.ops.get_backend(), _dispatch_order())
+            key = (_shapes(x), self.dtype, blip_fast.ops.get_backend(), _dispatch_order(), self.execution)
             graphs = getattr(self, "graphs", None) or {}
             if key not in graphs:
                 graphs = {key: CUDAGraphStep(self._fwdbwd, x, params=list(self.model.parameters()))}

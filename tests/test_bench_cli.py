@@ -144,3 +144,26 @@ def test_flop_count_matches_the_design_card():
     # linear in the batch (up to the B x B similarities)
     eight = flops.pretrain_step_flops(flops.VIT_B, flops.BERT_BASE, 224, 30, 8, 57600)["total"]
     assert eight == pytest.approx(8 * per_image["total"], rel=1e-3)
+
+
+def test_compile_and_graph_together_add_a_compiled_graph_row():
+    """--compile and --cuda-graph together: every graph-capable workload also gets the compiled
+    model captured in one CUDA graph ('compile+graph'); the reference path stays eager."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.runner import Runner
+
+    def variants(compile_, graph, device="cuda", backend="auto", supports_graph=True):
+        runner = SimpleNamespace(args=SimpleNamespace(compile=compile_, cuda_graph=graph),
+                                 device=torch.device(device))
+        work = SimpleNamespace(supports_compile=True, supports_graph=supports_graph)
+        return Runner.execution_variants(runner, work, backend)
+
+    assert variants("also", "also") == ["eager", "compile", "graph", "compile+graph"]
+    assert variants("only", "only") == ["compile", "graph", "compile+graph"]
+    assert variants("off", "also") == ["eager", "graph"]
+    assert variants("also", "also", supports_graph=False) == ["eager", "compile"]
+    assert variants("also", "also", device="cpu") == ["eager", "compile"]
+    assert variants("also", "also", backend="reference") == ["eager"]

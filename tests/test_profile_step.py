@@ -66,3 +66,21 @@ def test_kernel_time_is_charged_to_the_blip_fast_line_that_launched_it():
     sources = {src for _, src, _, _ in rows}
     assert any(src.startswith("blip_fast/models/vit.py(") for src in sources), sources
     assert all(ms >= 0 for _, _, ms, _ in rows) and rows == sorted(rows, key=lambda r: -r[2])
+
+
+def test_the_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """The smoke mode (tiny sizes, eager, CPU) goes through the same glue as the GPU run."""
+    import json
+
+    code = profile_step.main(["--device", "cpu", "--tiny", "--eager", "--batch", "2", "--steps", "1",
+                              "--warmup", "1", "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert result["execution"] == "eager" and result["batch"] == 2 and result["step_ms"] > 0
+    assert result["flops_per_step"] > 0 and "categories_ms" in result
+    assert "BLIP_Pretrain step, batch 2, eager" in (tmp_path / "profile.md").read_text()
+
+
+def test_graphs_on_the_cpu_are_refused_with_the_fix():
+    with pytest.raises(SystemExit):
+        profile_step.main(["--device", "cpu", "--tiny"])
