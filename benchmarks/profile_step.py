@@ -5,6 +5,7 @@ measured ceilings (bf16 matmul rate, copy bandwidth).
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --eager --out $OUT/profile    # eager step
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --by-source --out $OUT/profile  # + which line
     PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --compile --out $OUT/profile  # Inductor, graphed
+    BLIP_FAST_FUSED_ADD_LN=1 PYTHONPATH=. python -m benchmarks.profile_step --batch 64 --out $OUT/fused  # A/B
     PYTHONPATH=. python -m benchmarks.profile_step --device cpu --tiny --eager --batch 2 --steps 1  # smoke test
     PYTHONPATH=. python -m benchmarks.profile_step --batch 256 --activation-checkpointing --eager --steps 3 \\
         --no-profile --out $OUT/b256                                                     # does it fit?
@@ -86,6 +87,11 @@ def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
     return 2 * src.numel() / seconds / 1e9
 
 
+def _fused_add_ln() -> bool:
+    from blip_fast.ops import triton_backend
+    return triton_backend.AUTO_FUSED_ADD_LAYER_NORM
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,7 +151,7 @@ def main(argv: List[str] = None) -> int:
                               + ("+compile" if args.compile else ""),
                               "activation_checkpointing": args.activation_checkpointing, "dtype": "bf16",
                               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__,
+                              "torch": torch.__version__, "fused_add_layer_norm_in_auto": _fused_add_ln(),
                               "date": time.strftime("%Y-%m-%d")}
     result["matmul_tflops"] = timing.matmul_rate(device, n=8192 if device.type == "cuda" else 512)["tflops"]
     result["copy_gb_s"] = copy_bandwidth(device)

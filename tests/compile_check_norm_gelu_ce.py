@@ -71,22 +71,22 @@ def configurations():
         for n in ((48, 768) if dt == "bf16" else (768,)):
             block = triton.next_power_of_2(n)
             rows = ln_mod._rows_per_block(block, ln_mod.FWD_ROW_ELEMENTS)
-            types = dict(X=p, R=p, W=p, B=p, SEED="*i64", Y=p, MEAN="*fp32", RSTD="*fp32",
-                         stride_x=i32, stride_r=i32, stride_y=i32, M=i32, N=i32, eps=f32, p=f32,
-                         keep_scale=f32)
-            for drop in (False, True):
-                yield (f"layer_norm fwd {dt} N={n} dropout={drop}", ln_mod._ln_fwd_kernel, types,
-                       dict(HAS_R=True, HAS_W=True, HAS_B=True, HAS_DROPOUT=drop, ROWS=rows,
-                            BLOCK_N=block), ln_mod.row_warps(block * rows))
+            types = dict(X=p, R=p, W=p, B=p, SEED="*i64", Y=p, MEAN="*fp32", RSTD="*fp32", S=p,
+                         stride_x=i32, stride_r=i32, stride_y=i32, stride_s=i32, M=i32, N=i32, eps=f32,
+                         p=f32, keep_scale=f32)
+            for drop, store_sum in ((False, False), (True, False), (False, True)):  # the last: pre-LN add
+                yield (f"layer_norm fwd {dt} N={n} dropout={drop} store_sum={store_sum}", ln_mod._ln_fwd_kernel,
+                       types, dict(HAS_R=True, HAS_W=True, HAS_B=True, HAS_DROPOUT=drop, STORE_S=store_sum,
+                                   ROWS=rows, BLOCK_N=block), ln_mod.row_warps(block * rows))
             rows = ln_mod._rows_per_block(block, ln_mod.BWD_ROW_ELEMENTS)
             types = dict(X=p, R=p, W=p, SEED="*i64", DY=p, DX=p, DR=p, DW_PART="*fp32",
-                         DB_PART="*fp32", MEAN="*fp32", RSTD="*fp32", stride_x=i32, stride_r=i32,
-                         stride_dy=i32, stride_dx=i32, stride_dr=i32, M=i32, N=i32,
+                         DB_PART="*fp32", MEAN="*fp32", RSTD="*fp32", DS=p, stride_x=i32, stride_r=i32,
+                         stride_dy=i32, stride_dx=i32, stride_dr=i32, stride_ds=i32, M=i32, N=i32,
                          blocks_per_program=i32, p=f32, keep_scale=f32)
-            for drop in (False, True):
-                yield (f"layer_norm bwd {dt} N={n} dropout={drop}", ln_mod._ln_bwd_kernel, types,
-                       dict(HAS_R=True, HAS_W=True, HAS_DROPOUT=drop, STORE_DR=drop,
-                            COMPUTE_DW=True, COMPUTE_DB=True, ROWS=rows, BLOCK_N=block),
+            for drop, has_ds in ((False, False), (True, False), (False, True)):
+                yield (f"layer_norm bwd {dt} N={n} dropout={drop} sum_grad={has_ds}", ln_mod._ln_bwd_kernel,
+                       types, dict(HAS_R=True, HAS_W=True, HAS_DROPOUT=drop, STORE_DR=drop or has_ds,
+                                   COMPUTE_DW=True, COMPUTE_DB=True, HAS_DS=has_ds, ROWS=rows, BLOCK_N=block),
                        ln_mod.row_warps(block * rows))
         if dt != "bf16":
             continue

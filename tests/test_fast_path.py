@@ -81,3 +81,35 @@ def test_torch_compile_traces_the_pretraining_step_whole():
             assert rel_err(a.grad, b.grad) < 1e-4, n
     assert torch.equal(twin.queue_ptr, model.queue_ptr)
     assert rel_err(twin.image_queue, model.image_queue) < 1e-6
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_vit_block_fused_residual_norm_is_the_original_block(autocast):
+    """The ViT block hands its first residual add and norm2 to ops.add_layer_norm; on the
+    reference path that is bit for bit the original ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``,
+    in float32 and under bf16 autocast (where norm2's output is cast once, as the matmul would),
+    forward and every gradient."""
+    from blip_fast.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=4).train()
+    block = vit.blocks[0]
+
+    def original(x):
+        x = x + block.drop_path(block.attn(block.norm1(x)))
+        return x + block.drop_path(block.mlp(block.norm2(x)))
+
+    x = torch.randn(3, 5, 48)
+    results = []
+    for fn in (block, original):
+        xi = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        with use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(xi)
+        out.float().pow(2).sum().backward()
+        results.append((out, xi.grad, [p.grad.clone() for p in block.parameters()]))
+    (out, gx, gp), (out_ref, gx_ref, gp_ref) = results
+    assert out.dtype == out_ref.dtype and torch.equal(out, out_ref)
+    assert torch.equal(gx, gx_ref)
+    for g, g_ref in zip(gp, gp_ref):
+        assert torch.equal(g, g_ref)

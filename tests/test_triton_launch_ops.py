@@ -207,7 +207,7 @@ def test_dropout_recomputed_under_activation_checkpointing():
 # -------------------------------------------------------------------------------- custom ops
 
 def test_custom_ops_are_registered():
-    for name in ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd",
+    for name in ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd",
                  "bias_gelu_fwd", "bias_gelu_bwd", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
         assert hasattr(torch.ops.blip_fast, name), name
 
@@ -225,6 +225,8 @@ def test_custom_ops_opcheck():
     cases = [
         (torch.ops.blip_fast.attention_fwd, (q, k, v, mask, None, True, 0.0, 0.25)),
         (torch.ops.blip_fast.layer_norm_fwd, (x, w, w, 1e-6, x, 0.0, None)),
+        (torch.ops.blip_fast.add_layer_norm_fwd, (x, x.detach().clone().requires_grad_(True), w, w, 1e-6,
+                                                  torch.bfloat16)),
         (torch.ops.blip_fast.bias_gelu_fwd, (x, w)),
         (torch.ops.blip_fast.linear_cross_entropy_fwd,
          (h, emb, None, labels, 0.1, -100, "mean", None, True, True, False)),
@@ -234,7 +236,7 @@ def test_custom_ops_opcheck():
 
 
 def test_compiled_fused_path_has_no_graph_break():
-    """torch.compile traces attention, LayerNorm, bias+GELU and the LM loss into one graph
+    """torch.compile traces attention, LayerNorm (post- and pre-LN), bias+GELU and the LM loss into one graph
     (fullgraph=True fails on any break) and matches eager, gradients included."""
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 2, 7, 16, device=DEVICE, requires_grad=True) for _ in range(3))
@@ -249,7 +251,8 @@ def test_compiled_fused_path_has_no_graph_break():
             ctx = ops.attention(q, k, v, key_padding_mask=mask, causal=True)
             hid = ctx.transpose(1, 2).reshape(2, 7, 32)
             hid = ops.layer_norm(ops.bias_gelu(hid, w), w, w, 1e-12, residual=hid)
-            return ops.linear_cross_entropy(hid, emb, None, labels, label_smoothing=0.1)
+            total, normed = ops.add_layer_norm(ops.bias_gelu(hid, w), hid, w, w, 1e-6)  # a pre-LN block
+            return ops.linear_cross_entropy(normed + total, emb, None, labels, label_smoothing=0.1)
 
     eager = step(q, k, v, w, emb)
     grads = torch.autograd.grad(eager, (q, k, v, w, emb))

@@ -169,6 +169,61 @@ def test_backward_persistent_loops(monkeypatch):
     assert rel_err(x.grad, x64.grad) <= 1e-5 and rel_err(b.grad, b64.grad) <= 1e-5
 
 
+def _layer_norm64(total, w, b, eps):
+    return torch.nn.functional.layer_norm(total, (total.shape[-1],), w, b, eps)
+
+
+@pytest.mark.parametrize("uses", ["both", "y_only", "sum_only"])
+@pytest.mark.parametrize("x_dtype,r_dtype,y_dtype", [
+    (torch.float32, torch.float32, None),
+    (torch.bfloat16, torch.float32, torch.bfloat16),  # a pre-LN ViT block under bf16 autocast
+    (torch.bfloat16, torch.bfloat16, None),
+])
+def test_add_layer_norm(uses, x_dtype, r_dtype, y_dtype):
+    """(x + residual, LayerNorm(x + residual)) in one kernel, forward and backward, with the
+    gradient arriving through the sum, the normalised output or both."""
+    rows, n = 37, 48
+    x, r = leaf(rows, n, dtype=x_dtype), leaf(rows, n, dtype=r_dtype, scale=2.0)
+    w, b = leaf(n, dtype=torch.float32, shift=1.0), leaf(n, dtype=torch.float32)
+    total, y = ln_mod.add_layer_norm(x, r, w, b, 1e-6, y_dtype)
+    sum_dtype = torch.promote_types(x_dtype, r_dtype)
+    assert total.dtype == sum_dtype and y.dtype == (y_dtype or sum_dtype)
+    gs, gy = torch.randn(rows, n), torch.randn(rows, n)
+    loss = {"both": (total.float() * gs).sum() + (y.float() * gy).sum(), "y_only": (y.float() * gy).sum(),
+            "sum_only": (total.float() * gs).sum()}[uses]
+    loss.backward()
+
+    x64, r64, w64, b64 = as64(x), as64(r), as64(w), as64(b)
+    total64 = r64 + x64
+    y64 = _layer_norm64(total64, w64, b64, 1e-6)
+    loss64 = {"both": (total64 * gs.double()).sum() + (y64 * gy.double()).sum(),
+              "y_only": (y64 * gy.double()).sum(), "sum_only": (total64 * gs.double()).sum()}[uses]
+    loss64.backward()
+    tol = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, r_dtype, y_dtype) else torch.float32]
+    assert rel_err(total, total64) <= tol and rel_err(y, y64) <= tol
+    for name, t, t64 in (("x", x, x64), ("residual", r, r64), ("weight", w, w64), ("bias", b, b64)):
+        if uses == "sum_only" and name in ("weight", "bias"):
+            assert t.grad is None or t.grad.abs().max() == 0, name
+            continue
+        assert t.grad.dtype == t.dtype, name
+        assert rel_err(t.grad, t64.grad) <= tol, name
+
+
+def test_add_layer_norm_through_the_ops_matches_the_unfused_pair():
+    """ops.add_layer_norm on triton and on the reference: the same sum, and the same normalised
+    output once cast as the next matmul would (bf16 under autocast)."""
+    x, r = leaf(6, 40, dtype=torch.bfloat16), leaf(6, 40, dtype=torch.float32)
+    w, b = leaf(40, dtype=torch.float32, shift=1.0), leaf(40, dtype=torch.float32)
+    outs = {}
+    for backend in ("triton", "reference"):
+        with ops.use_backend(backend), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            outs[backend] = ops.add_layer_norm(x, r, w, b, 1e-6)
+    (s_t, y_t), (s_r, y_r) = outs["triton"], outs["reference"]
+    assert y_t.dtype == y_r.dtype == torch.bfloat16 and s_t.dtype == s_r.dtype == torch.float32
+    assert torch.equal(s_t, s_r)
+    assert rel_err(y_t, y_r.double()) <= TOL[torch.bfloat16]
+
+
 def test_layer_norm_why_not():
     x = torch.randn(2, 8, device=DEVICE)
     assert ln_mod.why_not_layer_norm(x, None, None, 1e-6) is None

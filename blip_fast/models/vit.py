@@ -162,9 +162,13 @@ class Block(nn.Module):
         return fn(*args)
 
     def forward(self, x: Tensor, register_hook: bool = False) -> Tensor:
-        x = x + self.drop_path(self._checkpointed(partial(self.attn, register_hook=register_hook), self.norm1(x)))
-        x = x + self.drop_path(self._checkpointed(self.mlp, self.norm2(x)))
-        return x
+        h = self.drop_path(self._checkpointed(partial(self.attn, register_hook=register_hook), self.norm1(x)))
+        if isinstance(self.norm2, LayerNorm):  # the residual add and norm2 in one op (a fused kernel where one runs)
+            x, y = ops.add_layer_norm(h, x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        else:
+            x = x + h
+            y = self.norm2(x)
+        return x + self.drop_path(self._checkpointed(self.mlp, y))
 
 
 class VisionTransformer(BackendSelectable, nn.Module):

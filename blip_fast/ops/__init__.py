@@ -46,7 +46,8 @@ register_lazy_backend("cuda", _cuda_backend.load)
 Tensor = torch.Tensor
 
 __all__ = [
-    "attention", "layer_norm", "bias_gelu", "linear_gelu", "linear_cross_entropy", "momentum_update",
+    "attention", "layer_norm", "add_layer_norm", "bias_gelu", "linear_gelu", "linear_cross_entropy",
+    "momentum_update",
     "use_backend", "set_backend", "get_backend", "available_backends", "known_backends", "load_backends", "resolve",
     "register_backend", "register_lazy_backend", "Backend", "BackendUnavailableError",
     "AUTO", "AUTO_ORDER", "ENV_VAR",
@@ -97,6 +98,26 @@ def layer_norm(
     ``dropout_p`` are optional (post-LN BERT uses both).
     """
     return dispatch("layer_norm", x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """A pre-LN block's residual add and the next LayerNorm: ``s = residual + x``,
+    ``y = LayerNorm(s)``; ``x``, ``residual``: ``(..., N)``, same shape.
+
+    Returns ``(s, y)``: ``s`` in the promoted dtype of the two (the residual stream), ``y`` in the
+    autocast dtype when autocast is on for ``x``'s device (the value the matmul that reads it would
+    cast it to, so the numbers are those of ``x + residual`` then ``LayerNorm`` then the matmul's
+    cast), else in ``s``'s dtype.
+    """
+    device_type = x.device.type
+    y_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return dispatch("add_layer_norm", x, residual, weight, bias, eps, y_dtype=y_dtype)
 
 
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:

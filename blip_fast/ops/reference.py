@@ -85,6 +85,25 @@ def layer_norm(
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    y_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    """``s = residual + x`` then ``LayerNorm(s)`` (cast to ``y_dtype``), as a pre-LN block writes it.
+
+    The LayerNorm goes through the op dispatch, so ``auto`` still gives it the backend it would get
+    on its own when no backend fuses the add (the sum is what the original computes either way)."""
+    from . import _dispatch
+
+    total = residual + x
+    y = _dispatch.dispatch("layer_norm", total, weight, bias, eps)
+    return total, (y if y_dtype is None or y.dtype == y_dtype else y.to(y_dtype))
+
+
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     """``gelu(x + bias)`` with the exact (erf) GELU."""
     return F.gelu(x + bias)
@@ -129,6 +148,7 @@ BACKEND = register_backend(
         ops={
             "attention": attention,
             "layer_norm": layer_norm,
+            "add_layer_norm": add_layer_norm,
             "bias_gelu": bias_gelu,
             "linear_gelu": linear_gelu,
             "linear_cross_entropy": linear_cross_entropy,

@@ -22,6 +22,7 @@ from .measured import faster_library_backend
 _KERNEL_MODULES = {
     "attention": "attention",
     "layer_norm": "layer_norm",
+    "add_layer_norm": "layer_norm",
     "bias_gelu": "bias_gelu",
     "linear_gelu": "bias_gelu",
     "linear_cross_entropy": "cross_entropy",
@@ -190,6 +191,20 @@ def _auto_layer_norm(x, weight, bias, eps, residual=None, dropout_p=0.0):
     return reason
 
 
+#: Whether ``auto`` takes the fused residual add + LayerNorm of pre-LN blocks (one kernel writing
+#: the float32 sum and the autocast-dtype output) where it takes triton's LayerNorm. Off until a
+#: device run measures it against the unfused pair (``BLIP_FAST_FUSED_ADD_LN=1`` turns it on, for
+#: that measurement: ``python -m benchmarks.profile_step``); explicit ``triton`` always fuses.
+AUTO_FUSED_ADD_LAYER_NORM = os.environ.get("BLIP_FAST_FUSED_ADD_LN", "0") == "1"
+
+
+def _auto_add_layer_norm(x, residual, weight, bias, eps, y_dtype=None):
+    if not AUTO_FUSED_ADD_LAYER_NORM:
+        return ("the fused add + LayerNorm is not yet measured against the unfused pair "
+                "(BLIP_FAST_FUSED_ADD_LN=1 to take it)")
+    return _auto_layer_norm(x, weight, bias, eps, residual)
+
+
 def _auto_bias_gelu(x, bias):
     reason = _auto_check()
     if reason is None:
@@ -211,4 +226,5 @@ def _auto_linear_gelu(x, weight, bias):
 
 
 _AUTO_CHECKS = {"attention": _auto_attention, "layer_norm": _auto_layer_norm,
-                "bias_gelu": _auto_bias_gelu, "linear_gelu": _auto_linear_gelu}
+                "add_layer_norm": _auto_add_layer_norm, "bias_gelu": _auto_bias_gelu,
+                "linear_gelu": _auto_linear_gelu}

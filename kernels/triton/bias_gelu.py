@@ -284,8 +284,12 @@ def why_not_linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
     """None when the kernel can run this call, else the reason."""
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} (supported: float32, bfloat16, float16)"
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return "x, weight and bias must share one dtype"
+    # Under autocast the matmul casts x and weight to one dtype (a pre-LN block hands over x
+    # already in it), and the bias joins in float32 as it does in the eager path.
+    mixed = weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
+    if mixed and not (torch.is_autocast_enabled(x.device.type) and weight.dtype in _DTYPES
+                      and (bias is None or bias.dtype in _DTYPES)):
+        return "x, weight and bias must share one dtype (or run under autocast)"
     if weight.dim() != 2 or x.dim() == 0 or weight.shape[1] != x.shape[-1]:
         return f"weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)}"
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

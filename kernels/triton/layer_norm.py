@@ -61,13 +61,15 @@ def _rows_per_block(block_n: int, elements: int) -> int:
 
 @triton.jit
 def _ln_fwd_kernel(
-    X, R, W, B, SEED, Y, MEAN, RSTD,
-    stride_x, stride_r, stride_y,
+    X, R, W, B, SEED, Y, MEAN, RSTD, S,
+    stride_x, stride_r, stride_y, stride_s,
     M, N, eps, p, keep_scale,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_S: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Each program normalises ``ROWS`` whole rows. SEED: one int64, read only with dropout."""
+    """Each program normalises ``ROWS`` whole rows. SEED: one int64, read only with dropout.
+    STORE_S: also write the normalised sum ``dropout(x) + residual`` to S (pre-LN blocks keep it as
+    their residual stream)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < M
@@ -79,6 +81,8 @@ def _ln_fwd_kernel(
         s = tl.where(keep, s * keep_scale, 0.0)
     if HAS_R:
         s += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_S:
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
     mean = tl.sum(s, axis=1) / N
     centred = tl.where(mask, s - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
@@ -94,14 +98,15 @@ def _ln_fwd_kernel(
 
 @triton.jit(do_not_specialize=["blocks_per_program"])  # the plan resizes the grid after compiling
 def _ln_bwd_kernel(
-    X, R, W, SEED, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD,
-    stride_x, stride_r, stride_dy, stride_dx, stride_dr,
+    X, R, W, SEED, DY, DX, DR, DW_PART, DB_PART, MEAN, RSTD, DS,
+    stride_x, stride_r, stride_dy, stride_dx, stride_dr, stride_ds,
     M, N, blocks_per_program, p, keep_scale,
     HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DR: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program ``pid`` takes the blocks of ``ROWS`` rows ``pid, pid + programs, ...``."""
+    """Program ``pid`` takes the blocks of ``ROWS`` rows ``pid, pid + programs, ...``. HAS_DS: the
+    stored sum's own gradient (DS) joins the one through the normalisation."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -133,6 +138,8 @@ def _ln_bwd_kernel(
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            ds += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if STORE_DR:
             tl.store(DR + rows[:, None] * stride_dr + cols[None, :], ds.to(DR.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
@@ -195,37 +202,46 @@ def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
+def _sum_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
+    return x.dtype if residual is None or residual.dtype == x.dtype else torch.result_type(x, residual)
+
+
 def _forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-             eps: float, p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``y`` (shape of x, contiguous, dtype of ``x`` promoted with ``residual``), mean, rstd (M,)."""
+             eps: float, p: float, seed: Optional[Tensor], store_sum: bool = False,
+             y_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``y`` (shape of x, contiguous, ``y_dtype`` or else the dtype of ``x`` promoted with
+    ``residual``), mean, rstd (M,), and with ``store_sum`` the sum ``dropout(x) + residual`` (that
+    promoted dtype; else None)."""
     n = x.shape[-1]
-    out_dtype = x.dtype if residual is None or residual.dtype == x.dtype else torch.result_type(x, residual)
+    sum_dtype = _sum_dtype(x, residual)
+    out_dtype = y_dtype or sum_dtype
     x2, stride_x = _rows_view(x, n)
     r2, stride_r = (None, 0) if residual is None else _rows_view(residual, n)
     m = x.numel() // n if n else 0
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    total = torch.empty(x.shape, dtype=sum_dtype, device=x.device) if store_sum else None
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
-        return y, mean, rstd
+        return y, mean, rstd, total
     dropout = p > 0.0
     key = ("fwd", x.get_device(), x.dtype, out_dtype, m, n, stride_x, stride_r, align16(x2),
            None if r2 is None else (r2.dtype, align16(r2)),
            None if weight is None else (weight.dtype, align16(weight)),
-           None if bias is None else (bias.dtype, align16(bias)), dropout, FWD_ROW_ELEMENTS)
+           None if bias is None else (bias.dtype, align16(bias)), dropout, store_sum, FWD_ROW_ELEMENTS)
     plan = _PLANS.get(key)
     if plan is None:
         block = next_power_of_2(n)
         rows = _rows_per_block(block, FWD_ROW_ELEMENTS)
         plan = LaunchPlan((cdiv(m, rows),),
                           dict(HAS_R=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                               HAS_DROPOUT=dropout, ROWS=rows, BLOCK_N=block),
+                               HAS_DROPOUT=dropout, STORE_S=store_sum, ROWS=rows, BLOCK_N=block),
                           row_warps(block * rows))
         _remember(key, plan)
     _FWD(plan, (x2, x2 if r2 is None else r2, x2 if weight is None else weight,
                 x2 if bias is None else bias, seed if dropout else x2, y, mean, rstd,
-                stride_x, stride_r, n, m, n, eps, p, _keep_scale(p)))
-    return y, mean, rstd
+                y if total is None else total, stride_x, stride_r, n, n, m, n, eps, p, _keep_scale(p)))
+    return y, mean, rstd, total
 
 
 def _bwd_programs(m: int, rows_per_iter: int, per_sm: int, device: torch.device) -> int:
@@ -234,14 +250,17 @@ def _bwd_programs(m: int, rows_per_iter: int, per_sm: int, device: torch.device)
 
 def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
               mean: Tensor, rstd: Tensor, p: float, seed: Optional[Tensor], need_dx: bool,
-              need_dr: bool, need_dw: bool, bias_dtype: Optional[torch.dtype]
+              need_dr: bool, need_dw: bool, bias_dtype: Optional[torch.dtype],
+              dsum: Optional[Tensor] = None
               ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """dx, dresidual, dweight, dbias (None where not asked; ``bias_dtype`` None: no dbias)."""
+    """dx, dresidual, dweight, dbias (None where not asked; ``bias_dtype`` None: no dbias).
+    ``dsum``: the gradient of the stored sum (pre-LN blocks), added to the one through ``y``."""
     n = x.shape[-1]
     m = mean.shape[0]
     x2, stride_x = _rows_view(x, n)
     r2, stride_r = (None, 0) if residual is None else _rows_view(residual, n)
     dy2, stride_dy = _rows_view(dy, n)
+    ds2, stride_ds = (None, 0) if dsum is None else _rows_view(dsum, n)
     dropout = p > 0.0
     res_dtype = None if residual is None else residual.dtype
     # Without dropout and with equal dtypes dx == dresidual: one buffer serves both.
@@ -253,11 +272,12 @@ def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
     key = ("bwd", x.get_device(), x.dtype, m, n, stride_x, stride_r, stride_dy, align16(x2),
            align16(dy2), dy2.dtype, None if r2 is None else (r2.dtype, align16(r2)),
            None if weight is None else (weight.dtype, align16(weight)), dropout, store_dr,
-           compute_dw, compute_db, bias_dtype, BWD_PROGRAMS_PER_SM, BWD_ROW_ELEMENTS)
+           compute_dw, compute_db, bias_dtype, None if ds2 is None else (ds2.dtype, stride_ds, align16(ds2)),
+           BWD_PROGRAMS_PER_SM, BWD_ROW_ELEMENTS)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _bwd_plan(key, x, m, n, residual is not None, weight is not None, dropout, store_dr,
-                         compute_dw, compute_db, bias_dtype)
+                         compute_dw, compute_db, bias_dtype, ds2 is not None)
     programs, blocks_per_program, sum_plan = plan.extra
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if compute_dw else None
     db_part = torch.empty((programs, n), dtype=torch.float32, device=x.device) if compute_db else None
@@ -265,7 +285,8 @@ def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
         _BWD(plan, (x2, x2 if r2 is None else r2, x2 if weight is None else weight,
                     seed if dropout else x2, dy2, dx, dx if dr is None else dr,
                     dx if dw_part is None else dw_part, dx if db_part is None else db_part, mean, rstd,
-                    stride_x, stride_r, stride_dy, n, n, m, n, blocks_per_program, p, _keep_scale(p)))
+                    dy2 if ds2 is None else ds2, stride_x, stride_r, stride_dy, n, n, stride_ds, m, n,
+                    blocks_per_program, p, _keep_scale(p)))
     dw = db = None
     if compute_dw or compute_db:
         dw = torch.empty(n, dtype=weight.dtype, device=x.device) if compute_dw else None
@@ -280,7 +301,7 @@ def _backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
     return (dx if need_dx else None), d_res, dw, db
 
 
-def _bwd_plan(key, x, m, n, has_r, has_w, dropout, store_dr, compute_dw, compute_db, bias_dtype):
+def _bwd_plan(key, x, m, n, has_r, has_w, dropout, store_dr, compute_dw, compute_db, bias_dtype, has_ds=False):
     block = next_power_of_2(n)
     rows_per_iter = _rows_per_block(block, BWD_ROW_ELEMENTS)
     num_warps = row_warps(block * rows_per_iter)
@@ -302,7 +323,7 @@ def _bwd_plan(key, x, m, n, has_r, has_w, dropout, store_dr, compute_dw, compute
 
     plan = LaunchPlan((programs,),
                       dict(HAS_R=has_r, HAS_W=has_w, HAS_DROPOUT=dropout, STORE_DR=store_dr,
-                           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS=rows_per_iter,
+                           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, HAS_DS=has_ds, ROWS=rows_per_iter,
                            BLOCK_N=block),
                       num_warps, extra=(programs, cdiv(cdiv(m, rows_per_iter), programs), sum_plan),
                       on_compiled=size_grid)
@@ -316,7 +337,7 @@ class LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 residual: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-        y, mean, rstd = _forward(x, residual, weight, bias, eps, dropout_p, seed)
+        y, mean, rstd, _ = _forward(x, residual, weight, bias, eps, dropout_p, seed)
         ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
         ctx.meta = (None if bias is None else bias.dtype, dropout_p)
         return y
@@ -339,7 +360,7 @@ class LayerNormFn(torch.autograd.Function):
 def _layer_norm_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                        residual: Optional[Tensor], dropout_p: float, seed: Optional[Tensor]
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _forward(x, residual, weight, bias, eps, dropout_p, seed)
+    return _forward(x, residual, weight, bias, eps, dropout_p, seed)[:3]
 
 
 @_layer_norm_fwd_op.register_fake
@@ -354,14 +375,14 @@ def _(x, weight, bias, eps, residual, dropout_p, seed):
 def _layer_norm_bwd_op(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float,
                        seed: Optional[Tensor], need_dx: bool, need_dr: bool, need_dw: bool,
-                       need_db: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       need_db: bool, dsum: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _backward(dy, x, residual, weight, mean, rstd, dropout_p, seed, need_dx, need_dr,
-                      need_dw, bias.dtype if need_db and bias is not None else None)
+                      need_dw, bias.dtype if need_db and bias is not None else None, dsum)
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed, need_dx, need_dr, need_dw, need_db):
+def _(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed, need_dx, need_dr, need_dw, need_db, dsum=None):
     n = x.shape[-1]
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             x.new_empty(x.shape, dtype=residual.dtype) if need_dr and residual is not None else x.new_empty(0),
@@ -393,6 +414,83 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# -- pre-LN blocks: (x + residual, LayerNorm(x + residual)) ----------------------------------------
+def _add_ln_grads(dsum: Optional[Tensor], dy: Optional[Tensor], x: Tensor, residual: Tensor,
+                  weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                  needs: Tuple[bool, bool, bool, bool], backward_op) -> tuple:
+    """(dx, dresidual, dweight, dbias) of :func:`add_layer_norm` through ``backward_op`` (the
+    eager function or the custom op); ``needs``: which of them autograd asks for."""
+    need_dx, need_dr, need_dw, need_db = needs
+    if dy is None:  # only the sum was used further on
+        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    # With equal dtypes d(residual) is dx itself (no dropout here): ask for one buffer.
+    shared = need_dr and residual.dtype == x.dtype
+    dx, dr, dw, db = backward_op(dy, x, residual, weight, bias, mean, rstd, need_dx or shared,
+                                 need_dr and not shared, need_dw and weight is not None,
+                                 need_db and bias is not None, dsum)
+    return (dx if need_dx else None, (dx if shared else dr) if need_dr else None,
+            dw if need_dw and weight is not None else None, db if need_db and bias is not None else None)
+
+
+def _eager_backward(dy, x, residual, weight, bias, mean, rstd, need_dx, need_dr, need_dw, need_db, dsum):
+    return _backward(dy, x, residual, weight, mean, rstd, 0.0, None, need_dx, need_dr, need_dw,
+                     bias.dtype if need_db else None, dsum)
+
+
+def _op_backward(dy, x, residual, weight, bias, mean, rstd, need_dx, need_dr, need_dw, need_db, dsum):
+    return _layer_norm_bwd_op(dy, x, residual, weight, bias, mean, rstd, 0.0, None, need_dx, need_dr, need_dw,
+                              need_db, dsum)
+
+
+class AddLayerNormFn(torch.autograd.Function):
+    """Autograd wrapper of :func:`add_layer_norm`: outputs (sum, y)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                y_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+        y, mean, rstd, total = _forward(x, residual, weight, bias, eps, 0.0, None, True, y_dtype)
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        return total, y
+
+    @staticmethod
+    def backward(ctx, dsum: Optional[Tensor], dy: Optional[Tensor]):
+        x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+        grads = _add_ln_grads(dsum, dy, x, residual, weight, bias, mean, rstd, tuple(ctx.needs_input_grad[:4]),
+                              _eager_backward)
+        return (*grads, None, None)
+
+
+@torch.library.custom_op("blip_fast::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float, y_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd, total = _forward(x, residual, weight, bias, eps, 0.0, None, True, y_dtype)
+    return total, y, mean, rstd
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, y_dtype):
+    total_dtype = _sum_dtype(x, residual)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (x.new_empty(x.shape, dtype=total_dtype), x.new_empty(x.shape, dtype=y_dtype or total_dtype),
+            x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, bias, _, _ = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+
+
+def _add_ln_backward(ctx, dsum, dy, _dmean, _drstd):
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    grads = _add_ln_grads(dsum, dy, x, residual, weight, bias, mean, rstd, tuple(ctx.needs_input_grad[:4]),
+                          _op_backward)
+    return (*grads, None, None)
+
+
+_add_layer_norm_fwd_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
 # ============================================================================================
@@ -437,6 +535,45 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
         ``(..., N)`` in the dtype of ``x`` (promoted with ``residual``'s), contiguous.
     """
     return layer_norm_fn(x, weight, bias, eps, residual, dropout_p)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   y_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """A pre-LN block's ``s = x + residual`` and ``LayerNorm(s)`` in one pass over the rows.
+
+    Args:
+        x, residual: ``(..., N)`` float32, bfloat16 or float16, same shape; any strides.
+        weight, bias: ``(N,)`` or None.
+        eps: added to the variance.
+        y_dtype: dtype of the normalised output (default: the sum's). Under autocast the caller
+            passes the autocast dtype: the value the next matmul would cast it to, written directly.
+
+    Returns:
+        ``(s, y)``: the sum in ``x``'s dtype promoted with ``residual``'s, and ``LayerNorm(s)``,
+        both contiguous. Gradients flow into both from ``s`` and ``y``.
+    """
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
+    eps = float(eps)
+    if weight is not None and weight.stride(0) != 1:
+        weight = weight.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if compiling():
+        total, y, _, _ = _add_layer_norm_fwd_op(x, residual, weight, bias, eps, y_dtype)
+        return total, y
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        return AddLayerNormFn.apply(x, residual, weight, bias, eps, y_dtype)
+    y, _, _, total = _forward(x, residual, weight, bias, eps, 0.0, None, True, y_dtype)
+    return total, y
+
+
+def why_not_add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float, y_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the kernel can run this call, else the reason."""
+    if y_dtype is not None and y_dtype not in _DTYPES:
+        return f"output dtype {y_dtype} (supported: float32, bfloat16, float16)"
+    return why_not_layer_norm(x, weight, bias, eps, residual)
 
 
 def why_not_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
