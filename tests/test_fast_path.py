@@ -113,3 +113,54 @@ def test_vit_block_fused_residual_norm_is_the_original_block(autocast):
     assert torch.equal(gx, gx_ref)
     for g, g_ref in zip(gp, gp_ref):
         assert torch.equal(g, g_ref)
+
+
+def test_vit_block_on_triton_matches_the_reference_block():
+    """The same block with the Triton kernels (fused add + LayerNorm, attention, LayerNorm, GELU)
+    against the reference path, float32. On the CPU interpreter only float32: its bfloat16 dots
+    are not faithful (the bf16 autocast block runs on the device: tests/test_gpu_parity.py)."""
+    pytest.importorskip("triton")
+    from blip_fast.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=4).train()
+    block = vit.blocks[0]
+    x = torch.randn(3, 5, 48)
+    results = {}
+    for backend in ("triton", "reference"):
+        xi = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = block(xi)
+        out.pow(2).sum().backward()
+        results[backend] = (out, xi.grad, [p.grad.clone() for p in block.parameters()])
+    (out, gx, gp), (out_ref, gx_ref, gp_ref) = results["triton"], results["reference"]
+    assert rel_err(out, out_ref) < 1e-5 and rel_err(gx, gx_ref) < 1e-5
+    for g, g_ref in zip(gp, gp_ref):
+        assert rel_err(g, g_ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_vit_block_bf16_triton_matches_the_reference_block():
+    """A ViT-B block at batch 8 under bf16 autocast: the Triton path (with the fused add +
+    LayerNorm, which auto takes under BLIP_FAST_FUSED_ADD_LN=1) against the reference path."""
+    pytest.importorskip("triton")
+    from blip_fast.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=1, num_heads=12).cuda().train()
+    block = vit.blocks[0]
+    x = torch.randn(8, 197, 768, device="cuda")
+    results = {}
+    for backend in ("triton", "reference"):
+        xi = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        with use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(xi)
+        out.float().pow(2).sum().backward()
+        results[backend] = (out, xi.grad, [p.grad.clone() for p in block.parameters()])
+    (out, gx, gp), (out_ref, gx_ref, gp_ref) = results["triton"], results["reference"]
+    assert rel_err(out, out_ref) < 1e-2 and rel_err(gx, gx_ref) < 2e-2
+    for g, g_ref in zip(gp, gp_ref):
+        assert rel_err(g, g_ref) < 3e-2

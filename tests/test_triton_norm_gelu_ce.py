@@ -417,6 +417,28 @@ def test_gpu_layer_norm_vit(dtype):
 
 @gpu
 @needs_cuda
+def test_gpu_add_layer_norm_vit_block_under_autocast():
+    """A ViT-B block's first residual add + norm2 at batch 64 as bf16 autocast runs it: bf16
+    sublayer output, float32 stream, bf16 normalised output; gradients through both outputs."""
+    cuda = torch.device("cuda")
+    x = leaf(64 * 197, 768, dtype=torch.bfloat16, device=cuda)
+    r = leaf(64 * 197, 768, dtype=torch.float32, scale=3.0, device=cuda)
+    w = leaf(768, dtype=torch.float32, shift=1.0, device=cuda)
+    b = leaf(768, dtype=torch.float32, device=cuda)
+    total, y = ln_mod.add_layer_norm(x, r, w, b, 1e-6, torch.bfloat16)
+    gs, gy = torch.randn_like(total), torch.randn_like(total)
+    ((total * gs).sum() + (y.float() * gy).sum()).backward()
+    x64, r64, w64, b64 = as64(x), as64(r), as64(w), as64(b)
+    total64 = r64 + x64
+    y64 = _layer_norm64(total64, w64, b64, 1e-6)
+    ((total64 * gs.double()).sum() + (y64 * gy.double()).sum()).backward()
+    assert rel_err(total, total64) <= TOL[torch.float32] and rel_err(y, y64) <= TOL[torch.bfloat16]
+    for t, t64 in ((x, x64), (r, r64), (w, w64), (b, b64)):
+        assert t.grad.dtype == t.dtype and rel_err(t.grad, t64.grad) <= TOL[torch.bfloat16]
+
+
+@gpu
+@needs_cuda
 def test_gpu_layer_norm_bert_residual_dropout():
     cuda = torch.device("cuda")
     p, seed, shape = 0.1, 2024, (192, 30, 768)
