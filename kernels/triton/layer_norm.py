@@ -198,6 +198,11 @@ def _rows_view(t: Tensor, n: int) -> Tuple[Tensor, int]:
     return t, t.stride(0)
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A 1-d parameter the kernels index as ``base + col`` (a strided view is copied)."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def _keep_scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
@@ -509,10 +514,7 @@ def layer_norm_fn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     if dropout_p > 0.0:
         seed_t = draw_seed(x.device) if seed is None else seed_tensor(seed, x.device)
     eps = float(eps)
-    if weight is not None and weight.stride(0) != 1:
-        weight = weight.contiguous()
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     if compiling():
         return _layer_norm_fwd_op(x, weight, bias, eps, residual, dropout_p, seed_t)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
@@ -555,10 +557,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: 
     if residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
     eps = float(eps)
-    if weight is not None and weight.stride(0) != 1:
-        weight = weight.contiguous()
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     if compiling():
         total, y, _, _ = _add_layer_norm_fwd_op(x, residual, weight, bias, eps, y_dtype)
         return total, y
