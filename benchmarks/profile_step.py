@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
+from .timing import synchronize
+
 CATEGORIES: Sequence[Tuple[str, str]] = (
     ("nccl", r"nccl"),
     ("attention", r"attn|fmha|flash|cudnn|sdpa|softmax_warp"),
@@ -90,11 +92,6 @@ def copy_bandwidth(device: torch.device, n_bytes: int = 1 << 30) -> float:
 def _fused_add_ln() -> bool:
     from blip_fast.ops import triton_backend
     return triton_backend.AUTO_FUSED_ADD_LAYER_NORM
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_step(args: argparse.Namespace, device: torch.device):
@@ -158,12 +155,12 @@ def main(argv: List[str] = None) -> int:
     work, inputs = build_step(args, device)
     for _ in range(args.warmup):
         work.step(inputs)
-    _sync(device)
+    synchronize(device)
     times = []  # peak memory: over the whole run, capture included (a graph's pool is allocated then)
     for _ in range(args.steps):
         t0 = time.perf_counter()
         work.step(inputs)
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     s = TINY if args.tiny else FULL
@@ -201,13 +198,13 @@ def profile(work: Any, inputs: Any, steps: int, device: torch.device) -> Dict[st
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from .scaling import _interval_union, _length
-    _sync(device)
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             work.step(inputs)
-        _sync(device)
+        synchronize(device)
     wall = (time.perf_counter() - t0) / steps
     per_cat: Dict[str, float] = {}
     per_kernel: Dict[str, float] = {}
@@ -273,13 +270,13 @@ def profile_by_source(work: Any, inputs: Any, steps: int, device: torch.device) 
     gpu = device.type == "cuda"
     try:
         work.step(inputs)
-        _sync(device)
+        synchronize(device)
         config = torch._C._profiler._ExperimentalConfig(verbose=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
         with torch_profile(activities=activities, with_stack=True, experimental_config=config) as prof:
             for _ in range(steps):
                 work.step(inputs)
-            _sync(device)
+            synchronize(device)
     finally:
         work.execution = execution
     return attribute_by_source(prof.events(), steps, device=gpu)

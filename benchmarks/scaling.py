@@ -38,16 +38,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .timing import synchronize
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 # -- worker (one process per GPU, under torchrun) ---------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interval_union(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
     merged: List[Tuple[float, float]] = []
     for start, end in sorted(intervals):
@@ -174,10 +171,10 @@ def run_worker(args: argparse.Namespace) -> None:
     def timed(n: int, sync: bool = True) -> List[float]:
         times = []
         for _ in range(n):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             step(sync)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -241,7 +238,7 @@ def run_worker(args: argparse.Namespace) -> None:
     # A graph holding captured collectives must go before its process group does (else the
     # communicator's teardown waits on it forever).
     state["graph"] = None
-    _sync(device)
+    synchronize(device)
     if owns_group:
         destroy_distributed()
     faulthandler.cancel_dump_traceback_later()

@@ -53,7 +53,7 @@ def capture_stream(device: torch.device | int | None = None) -> torch.cuda.Strea
     DDP creates its gradient hooks (AccumulateGrad nodes) on the stream current at construction;
     built on this stream, its backward stays off the legacy default stream, which a capture may not
     touch."""
-    index = torch.device("cuda", device).index if isinstance(device, int) else getattr(device, "index", None)
+    index = device if isinstance(device, int) else getattr(device, "index", None)
     if index is None:
         index = torch.cuda.current_device()
     if index not in _CAPTURE_STREAMS:

@@ -226,6 +226,18 @@ def attend_dense(q: Tensor, k: Tensor, v: Tensor, causal: bool, kernel: DenseKer
     return kernel(q, k, v, causal)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+           dense: DenseKernel, varlen: VarlenKernel) -> Tensor:
+    """A library backend's attention: ``(B, H, L, D)`` views in, ``(B, H, Lq, D)`` out (stored
+    ``(B, Lq, H, D)``); unmasked and causal calls through ``dense``, key padding through the
+    packed segments and ``varlen``. Raises :class:`CausalMaskNotPrefix` where a causal key padding
+    mask keeps keys that are not a prefix (before any kernel runs)."""
+    qb, kb, vb = (to_bmhk(t) for t in (q, k, v))
+    plan = None if key_padding_mask is None else plan_for(key_padding_mask, causal, q.shape[2], k.shape[2])
+    out = attend_dense(qb, kb, vb, causal, dense) if plan is None else attend_packed(plan, qb, kb, vb, varlen)
+    return out.transpose(1, 2)
+
+
 def to_bmhk(t: Tensor, alignment: int = 8) -> Tensor:
     """``(B, H, L, D)`` -> the ``(B, L, H, D)`` view the libraries take, copied only when the
     view's strides or offset are not multiples of ``alignment`` elements (16 bytes in half

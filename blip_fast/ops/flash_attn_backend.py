@@ -134,21 +134,14 @@ def attention(
     lib, reason = _library_for(q.device, p > 0)
     if lib is None:
         raise BackendUnavailableError(f"backend 'flash_attn' cannot run attention: {reason}")
-    qb, kb, vb = (_varlen.to_bmhk(t) for t in (q, k, v))
-    plan = None
-    if key_padding_mask is not None:
-        try:
-            plan = _varlen.plan_for(key_padding_mask, bool(causal), q.shape[2], k.shape[2])
-        except _varlen.CausalMaskNotPrefix as exc:
-            raise BackendUnavailableError(
-                f"backend 'flash_attn' cannot run attention: {exc} (flash-attn's varlen causal mask "
-                f"is per packed sequence). Fix: right-pad the keys, or select another backend "
-                f"(blip_fast.use_backend('auto') falls back)") from exc
-    if plan is None:
-        out = _varlen.attend_dense(qb, kb, vb, bool(causal), _dense_kernel(lib, p, scale))
-    else:
-        out = _varlen.attend_packed(plan, qb, kb, vb, _varlen_kernel(lib, p, scale))
-    return out.transpose(1, 2)
+    try:
+        return _varlen.attend(q, k, v, key_padding_mask, bool(causal), _dense_kernel(lib, p, scale),
+                              _varlen_kernel(lib, p, scale))
+    except _varlen.CausalMaskNotPrefix as exc:
+        raise BackendUnavailableError(
+            f"backend 'flash_attn' cannot run attention: {exc} (flash-attn's varlen causal mask "
+            f"is per packed sequence). Fix: right-pad the keys, or select another backend "
+            f"(blip_fast.use_backend('auto') falls back)") from exc
 
 
 # --------------------------------------------------------------------------------- the checks

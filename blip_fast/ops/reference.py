@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Backend, register_backend
+from ._dispatch import Backend, dispatch, register_backend
 
 Tensor = torch.Tensor
 
@@ -97,10 +97,8 @@ def add_layer_norm(
 
     The LayerNorm goes through the op dispatch, so ``auto`` still gives it the backend it would get
     on its own when no backend fuses the add (the sum is what the original computes either way)."""
-    from . import _dispatch
-
     total = residual + x
-    y = _dispatch.dispatch("layer_norm", total, weight, bias, eps)
+    y = dispatch("layer_norm", total, weight, bias, eps)
     return total, (y if y_dtype is None or y.dtype == y_dtype else y.to(y_dtype))
 
 

@@ -126,18 +126,12 @@ def attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     p = float(dropout_p)
-    qb, kb, vb = (_varlen.to_bmhk(t) for t in (q, k, v))
-    plan = None
-    if key_padding_mask is not None:
-        try:
-            plan = _varlen.plan_for(key_padding_mask, bool(causal), q.shape[2], k.shape[2])
-        except _varlen.CausalMaskNotPrefix:
-            return _attend_with_bias_tensor(qb, kb, vb, key_padding_mask, bool(causal), p, scale).transpose(1, 2)
-    if plan is None:
-        out = _varlen.attend_dense(qb, kb, vb, bool(causal), _dense_kernel(p, scale))
-    else:
-        out = _varlen.attend_packed(plan, qb, kb, vb, _varlen_kernel(p, scale))
-    return out.transpose(1, 2)
+    try:
+        return _varlen.attend(q, k, v, key_padding_mask, bool(causal), _dense_kernel(p, scale),
+                              _varlen_kernel(p, scale))
+    except _varlen.CausalMaskNotPrefix:  # a bias tensor expresses any mask
+        qb, kb, vb = (_varlen.to_bmhk(t) for t in (q, k, v))
+        return _attend_with_bias_tensor(qb, kb, vb, key_padding_mask, bool(causal), p, scale).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------- the checks
